@@ -1,0 +1,47 @@
+"""Exact DeepLIFT / DeepSHAP attributions for PyTorch recurrent layers.
+
+Two verbs cover the engines:
+
+* :func:`register` / :func:`unregister`: make ``shap.DeepExplainer`` exact for models with
+  nn.LSTM, nn.GRU, nn.RNN and their cells.
+* :func:`deeplift_mode`: a context manager for any engine that runs the doubled batch
+  ``cat([inputs, references])``: Captum's DeepLift / DeepLiftShap, tangermeme's
+  deep_lift_shap, or shap itself.
+
+The rule for each cell type lives in :mod:`torch_handler.rules`.
+"""
+
+from .errors import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
+from .mode import deeplift_mode, recurrent_modules
+from .modules import SUPPORTED_MODULES
+from .shap_integration import (
+    gru_cell_handler,
+    gru_handler,
+    is_registered,
+    lstm_cell_handler,
+    lstm_handler,
+    register,
+    rnn_cell_handler,
+    rnn_handler,
+    unregister,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdditivityError",
+    "DoubledBatchError",
+    "SUPPORTED_MODULES",
+    "UnsupportedConfigurationError",
+    "deeplift_mode",
+    "gru_cell_handler",
+    "gru_handler",
+    "is_registered",
+    "lstm_cell_handler",
+    "lstm_handler",
+    "recurrent_modules",
+    "register",
+    "rnn_cell_handler",
+    "rnn_handler",
+    "unregister",
+]

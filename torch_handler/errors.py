@@ -1,0 +1,21 @@
+"""Exceptions raised by torch_handler. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class UnsupportedConfigurationError(NotImplementedError):
+    """A recurrent module, input or model setting that the rule does not cover.
+
+    Raised instead of falling back to plain gradients, which would be silently wrong.
+    """
+
+
+class DoubledBatchError(ValueError):
+    """A batch that cannot be the ``cat([inputs, references])`` batch DeepLIFT engines run."""
+
+
+class AdditivityError(AssertionError):
+    """Attributions do not sum to f(x) − E[f(background)] within the dtype's tolerance.
+
+    Subclasses AssertionError so code that caught shap's own additivity assertion keeps working.
+    """

@@ -1,0 +1,338 @@
+"""The DeepLIFT / DeepSHAP rule for recurrent cells, one class per cell type.
+
+Every engine integration (shap, Captum, tangermeme) ends up here: the autograd Function in
+:mod:`torch_handler.function` runs a cell's ``step`` forward through time on the doubled batch
+``cat([actual, reference])`` and, in backward, turns output multipliers into input
+multipliers with ``coefficients`` and ``step_backward``. Nothing else in the package knows
+the cell equations.
+
+Notation (RULES.md §1): every quantity has an actual value ``a`` (first half of the batch)
+and a reference value ``r`` (second half); ``mean(u) = (u_a + u_r) / 2``.
+
+* Linear maps use the chain rule.
+* An elementwise nonlinearity ``y = φ(z)`` uses Rescale, ``m_z = m_y · (φ(z_a) − φ(z_r)) /
+  (z_a − z_r)``. The quotient is evaluated in closed forms that need no small-Δ threshold
+  (see :func:`rescale_sigmoid`), so float32 keeps full relative accuracy even when Δz → 0.
+* A product ``y = u ⊙ v`` of two varying operands uses the two-player Shapley value:
+  ``m_u = m_y · mean(v)`` and ``m_v = m_y · mean(u)``; then ``m_u Δu + m_v Δv = Δy`` exactly.
+
+All multipliers are per hidden unit (nothing is pooled across units), so the chain is exact:
+Σ m_in Δin = Σ m_out Δout up to floating-point rounding.
+
+Shapes: ``T`` time steps, ``B = 2N`` doubled batch, ``N`` pairs, ``I`` input features, ``H``
+hidden units, ``P`` the hidden-state size (``H``, or ``proj_size`` for a projected LSTM).
+Multipliers inside backward are viewed as ``(2, N, ...)`` so that per-pair coefficients of
+shape ``(N, ...)`` broadcast over both halves: each half keeps the multiplier that reached it
+(shap reads the reference half, Captum the actual half) and both get the same rule.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRURule",
+    "LSTMRule",
+    "RNNRule",
+    "rescale_relu",
+    "rescale_sigmoid",
+    "rescale_tanh",
+    "shapley_mean",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Elementwise pieces
+# --------------------------------------------------------------------------------------
+
+
+def shapley_mean(both: Tensor) -> Tensor:
+    """Mean of the actual and reference halves of a doubled-batch tensor.
+
+    ``both``: ``(..., B, ...)`` with the batch on dim ``-2`` or leading; we always pass
+    tensors whose batch axis is dim 1 (``(T, B, F)``), and return ``(T, N, F)``.
+    """
+    n = both.shape[1] // 2
+    return (both[:, :n] + both[:, n:]) * 0.5
+
+
+def _halves(both: Tensor) -> tuple[Tensor, Tensor]:
+    n = both.shape[1] // 2
+    return both[:, :n], both[:, n:]
+
+
+def rescale_sigmoid(z_a: Tensor, z_r: Tensor) -> Tensor:
+    """Rescale factor ``(σ(z_a) − σ(z_r)) / (z_a − z_r)``, accurate for every Δz.
+
+    With ``hi = max(z_a, z_r)``, ``lo = min(z_a, z_r)``, ``d = hi − lo ≥ 0``:
+    ``σ(hi) − σ(lo) = σ(hi) · σ(−lo) · (1 − e^{−d})``, so the factor is
+    ``σ(hi) σ(−lo) · (−expm1(−d) / d)``. Every term is computed without cancellation and
+    without overflow, and ``−expm1(−d)/d → 1`` as ``d → 0`` gives ``σ'(z)`` in the limit.
+    This is why no midpoint-derivative threshold is needed here (the JAX oracle uses the
+    textbook quotient with a threshold instead; the two agree to rounding).
+    """
+    hi = torch.maximum(z_a, z_r)
+    lo = torch.minimum(z_a, z_r)
+    d = hi - lo
+    positive = d > 0
+    safe_d = torch.where(positive, d, torch.ones_like(d))
+    ratio = torch.where(positive, -torch.expm1(-safe_d) / safe_d, torch.ones_like(d))
+    return torch.sigmoid(hi) * torch.sigmoid(-lo) * ratio
+
+
+def rescale_tanh(z_a: Tensor, z_r: Tensor) -> Tensor:
+    """Rescale factor ``(tanh(z_a) − tanh(z_r)) / (z_a − z_r)``, accurate for every Δz.
+
+    ``tanh(z) = 2σ(2z) − 1``, hence the factor is ``4 · rescale_sigmoid(2 z_a, 2 z_r)``.
+    """
+    return 4.0 * rescale_sigmoid(2.0 * z_a, 2.0 * z_r)
+
+
+def rescale_relu(z_a: Tensor, z_r: Tensor) -> Tensor:
+    """Rescale factor ``(relu(z_a) − relu(z_r)) / (z_a − z_r)``.
+
+    Exact in floating point: 1 when both are positive, 0 when both are non-positive, and a
+    ratio of same-sign numbers otherwise. At Δz = 0 the midpoint derivative is used.
+    """
+    d = z_a - z_r
+    nonzero = d != 0
+    safe_d = torch.where(nonzero, d, torch.ones_like(d))
+    quotient = (torch.relu(z_a) - torch.relu(z_r)) / safe_d
+    midpoint_derivative = ((z_a + z_r) > 0).to(z_a.dtype)
+    return torch.where(nonzero, quotient, midpoint_derivative)
+
+
+# --------------------------------------------------------------------------------------
+# Cell rules
+# --------------------------------------------------------------------------------------
+
+
+class LSTMWeights(NamedTuple):
+    """Weights of one LSTM layer-direction, torch layout, gate order i, f, g, o.
+
+    w_ih (4H, I); w_hh (4H, P); bias (4H,) = b_ih + b_hh or None; w_hr (P, H) or None.
+    """
+
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Tensor | None
+    w_hr: Tensor | None
+
+
+class LSTMRule:
+    """``z = W_ih x + W_hh h + b``; ``i, f, o = σ(z_·)``, ``g = tanh(z_g)``;
+    ``c' = f ⊙ c + i ⊙ g``; ``h' = o ⊙ tanh(c')`` (times ``W_hr`` with a projection).
+
+    State is ``(h, c)``: ``h`` (B, P), ``c`` (B, H).
+    """
+
+    name = "LSTM"
+    num_states = 2
+
+    @staticmethod
+    def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> LSTMWeights:
+        bias = None if b_ih is None else b_ih + b_hh
+        return LSTMWeights(w_ih, w_hh, bias, w_hr)
+
+    @staticmethod
+    def input_projection(weights: LSTMWeights, x: Tensor) -> Tensor:
+        """All time steps' input projections in one matmul: (T, B, I) -> (T, B, 4H)."""
+        T, B, _ = x.shape
+        flat = x.reshape(T * B, -1)
+        if weights.bias is None:
+            proj = flat @ weights.w_ih.T
+        else:
+            proj = torch.addmm(weights.bias, flat, weights.w_ih.T)
+        return proj.view(T, B, -1)
+
+    @staticmethod
+    def step(weights: LSTMWeights, xproj_t: Tensor, state: tuple[Tensor, Tensor]):
+        """One forward step. Returns (h', (h', c'), saved) with saved = (z, gates, c', tanh c')."""
+        h, c = state
+        z = torch.addmm(xproj_t, h, weights.w_hh.T)
+        i, f, g, o = z.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        tanh_c = torch.tanh(c_new)
+        h_new = o * tanh_c
+        if weights.w_hr is not None:
+            h_new = h_new @ weights.w_hr.T
+        gates = torch.cat((i, f, g, o), dim=1)
+        return h_new, (h_new, c_new), (z, gates, c_new, tanh_c)
+
+    @staticmethod
+    def coefficients(saved: tuple[Tensor, ...], initial_state: tuple[Tensor, Tensor]):
+        """Per-pair rule coefficients for all steps at once (vectorised over time).
+
+        saved: z (T, B, 4H), gates (T, B, 4H), c (T, B, H), tanh c (T, B, H).
+        Returns K (T, N, 4, H) with the gate-input factors, A (T, N, H) = mean(o)·R_tanh(c'),
+        Kc (T, N, H) = mean(f).
+        """
+        z, gates, c_new, tanh_c = saved
+        c0 = initial_state[1]
+        c_prev = torch.cat((c0.unsqueeze(0), c_new[:-1]), dim=0)
+        H = c_new.shape[-1]
+        z_a, z_r = _halves(z)
+        rescale = rescale_sigmoid(z_a, z_r)
+        rescale[..., 2 * H : 3 * H] = rescale_tanh(z_a[..., 2 * H : 3 * H], z_r[..., 2 * H : 3 * H])
+        mean_i, mean_f, mean_g, mean_o = shapley_mean(gates).chunk(4, dim=-1)
+        r_i, r_f, r_g, r_o = rescale.chunk(4, dim=-1)
+        # m_i = m_c'·mean(g), m_f = m_c'·mean(c), m_g = m_c'·mean(i), m_o = m_h'·mean(tanh c')
+        K = torch.stack(
+            (
+                mean_g * r_i,
+                shapley_mean(c_prev) * r_f,
+                mean_i * r_g,
+                shapley_mean(tanh_c) * r_o,
+            ),
+            dim=2,
+        )
+        c_a, c_r = _halves(c_new)
+        A = mean_o * rescale_tanh(c_a, c_r)
+        return K, A, mean_f
+
+    @staticmethod
+    def step_backward(weights: LSTMWeights, coeffs_t, m_h: Tensor, m_state: tuple[Tensor, ...]):
+        """One backward step on multipliers viewed as (2, N, ·).
+
+        m_h: multiplier of h' (2, N, P), already including the output's; m_state = (m_c',).
+        Returns (m_z (2, N, 4H), m_h_prev (2, N, P), (m_c_prev,)).
+        """
+        K, A, Kc = coeffs_t
+        (m_c,) = m_state
+        m_p = m_h if weights.w_hr is None else m_h @ weights.w_hr
+        m_c_total = m_c + m_p * A
+        m_z = torch.stack((m_c_total, m_c_total, m_c_total, m_p), dim=2) * K
+        m_z = m_z.flatten(2)
+        m_h_prev = m_z @ weights.w_hh
+        return m_z, m_h_prev, (m_c_total * Kc,)
+
+
+class GRUWeights(NamedTuple):
+    """One GRU layer-direction, gate order r, z, n: w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,)."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None
+    b_hh: Tensor | None
+
+
+class GRURule:
+    """PyTorch's GRU equations, every product a two-operand Shapley product:
+
+    ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
+    ``hn = W_hn h + b_hn``, ``n = tanh(W_in x + b_in + r ⊙ hn)``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
+
+    State is ``(h,)`` with h (B, H).
+    """
+
+    name = "GRU"
+    num_states = 1
+
+    @staticmethod
+    def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> GRUWeights:
+        return GRUWeights(w_ih, w_hh, b_ih, b_hh)
+
+    @staticmethod
+    def input_projection(weights: GRUWeights, x: Tensor) -> Tensor:
+        T, B, _ = x.shape
+        flat = x.reshape(T * B, -1)
+        if weights.b_ih is None:
+            proj = flat @ weights.w_ih.T
+        else:
+            proj = torch.addmm(weights.b_ih, flat, weights.w_ih.T)
+        return proj.view(T, B, -1)
+
+    @staticmethod
+    def step(weights: GRUWeights, xproj_t: Tensor, state: tuple[Tensor]):
+        (h,) = state
+        if weights.b_hh is None:
+            hproj = h @ weights.w_hh.T
+        else:
+            hproj = torch.addmm(weights.b_hh, h, weights.w_hh.T)
+        x_r, x_z, x_n = xproj_t.chunk(3, dim=1)
+        h_r, h_z, h_n = hproj.chunk(3, dim=1)
+        pre_r = x_r + h_r
+        pre_z = x_z + h_z
+        r = torch.sigmoid(pre_r)
+        z = torch.sigmoid(pre_z)
+        pre_n = x_n + r * h_n
+        n = torch.tanh(pre_n)
+        h_new = n + z * (h - n)
+        saved = torch.stack((pre_r, pre_z, pre_n, r, z, n, h_n, h), dim=0)
+        return h_new, (h_new,), saved
+
+    @staticmethod
+    def coefficients(saved: Tensor, initial_state: tuple[Tensor]):
+        """saved: (T, 8, B, H) stacked (pre_r, pre_z, pre_n, r, z, n, hn, h_prev).
+
+        Returns K_n, K_r, K_z, mean_r, mean_z, each (T, N, H).
+        """
+        pre_r, pre_z, pre_n, r, z, n, h_n, h_prev = saved.unbind(dim=1)
+        mean_z = shapley_mean(z)
+        # h' = (1−z)⊙n + z⊙h:  m_z = m·(mean(h) − mean(n)),  m_n = m·(1 − mean(z)),  m_h = m·mean(z)
+        K_z = (shapley_mean(h_prev) - shapley_mean(n)) * rescale_sigmoid(*_halves(pre_z))
+        K_n = (1.0 - mean_z) * rescale_tanh(*_halves(pre_n))
+        # r ⊙ hn:  m_r = m·mean(hn),  m_hn = m·mean(r)
+        K_r = shapley_mean(h_n) * rescale_sigmoid(*_halves(pre_r))
+        return K_n, K_r, K_z, shapley_mean(r), mean_z
+
+    @staticmethod
+    def step_backward(weights: GRUWeights, coeffs_t, m_h: Tensor, m_state: tuple[Tensor, ...]):
+        """Returns (m_xproj (2, N, 3H), m_h_prev (2, N, H), ())."""
+        K_n, K_r, K_z, mean_r, mean_z = coeffs_t
+        m_pre_n = m_h * K_n
+        m_pre_r = m_pre_n * K_r
+        m_pre_z = m_h * K_z
+        m_x_side = torch.cat((m_pre_r, m_pre_z, m_pre_n), dim=-1)
+        m_h_side = torch.cat((m_pre_r, m_pre_z, m_pre_n * mean_r), dim=-1)
+        m_h_prev = m_h_side @ weights.w_hh + m_h * mean_z
+        return m_x_side, m_h_prev, ()
+
+
+class RNNWeights(NamedTuple):
+    """One Elman RNN layer-direction: w_ih (H, I), w_hh (H, H), bias (H,) = b_ih + b_hh or None."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Tensor | None
+
+
+class RNNRule:
+    """``h' = φ(W_ih x + b_ih + W_hh h + b_hh)`` with φ = tanh or relu, by Rescale."""
+
+    name = "RNN"
+    num_states = 1
+
+    def __init__(self, nonlinearity: str = "tanh"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self._phi = torch.tanh if nonlinearity == "tanh" else torch.relu
+        self._rescale = rescale_tanh if nonlinearity == "tanh" else rescale_relu
+
+    @staticmethod
+    def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> RNNWeights:
+        bias = None if b_ih is None else b_ih + b_hh
+        return RNNWeights(w_ih, w_hh, bias)
+
+    input_projection = staticmethod(LSTMRule.input_projection)
+
+    def step(self, weights: RNNWeights, xproj_t: Tensor, state: tuple[Tensor]):
+        (h,) = state
+        pre = torch.addmm(xproj_t, h, weights.w_hh.T)
+        h_new = self._phi(pre)
+        return h_new, (h_new,), pre
+
+    def coefficients(self, saved: Tensor, initial_state: tuple[Tensor]):
+        """saved: pre-activations (T, B, H). Returns (R (T, N, H),)."""
+        return (self._rescale(*_halves(saved)),)
+
+    @staticmethod
+    def step_backward(weights: RNNWeights, coeffs_t, m_h: Tensor, m_state: tuple[Tensor, ...]):
+        (R,) = coeffs_t
+        m_pre = m_h * R
+        return m_pre, m_pre @ weights.w_hh, ()
