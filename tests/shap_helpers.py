@@ -1,0 +1,46 @@
+"""Shared helpers for the end-to-end shap tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import torch_handler
+
+
+def as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def additivity_error(model, background, X, values, ranks=None) -> float:
+    """max |Σ attributions − (f(x) − E f(background))| / output scale.
+
+    The output scale is max(|f(x)|, |E f(background)|): floating-point rounding is relative
+    to the magnitude of the numbers involved, not to their (possibly tiny) difference.
+    values: shap's return value (array, or list of arrays for multi-input models), with the
+    outputs on the last axis; ranks: shap's ranked output indices, if any.
+    """
+    with torch.no_grad():
+        f = model(*as_list(X)).double().cpu().numpy()
+        expected = model(*as_list(background)).double().mean(0).cpu().numpy()
+    sums = sum(v.sum(axis=tuple(range(1, v.ndim - 1))) for v in as_list(values))
+    if ranks is None:
+        ranks = np.broadcast_to(np.arange(f.shape[1]), f.shape)
+    ranks = np.asarray(ranks)
+    delta = np.take_along_axis(f, ranks, axis=1) - expected[ranks]
+    scale = max(np.abs(f).max(), np.abs(expected).max())
+    return float(np.abs(sums - delta).max() / scale)
+
+
+def explain(model, background, X, **kwargs):
+    """shap.DeepExplainer(model, background).shap_values(X) with the handler registered."""
+    import shap
+
+    torch_handler.register()
+    try:
+        return shap.DeepExplainer(model, background).shap_values(X, **kwargs)
+    finally:
+        torch_handler.unregister()
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
