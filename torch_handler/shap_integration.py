@@ -130,12 +130,88 @@ def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
     check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer")
 
 
+def _validate_inputs(explainer, X) -> None:
+    """Input and background must be finite and agree in trailing shape, dtype and device."""
+    inputs = X if isinstance(X, list) else [X]
+    if len(inputs) != len(explainer.data):
+        raise ValueError(
+            f"shap_values got {len(inputs)} model inputs but the background has "
+            f"{len(explainer.data)}; pass one tensor per model input, in the same order."
+        )
+    for k, (x, background) in enumerate(zip(inputs, explainer.data, strict=True)):
+        name = f"input {k}" if len(inputs) > 1 else "input"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+        if tuple(x.shape[1:]) != tuple(background.shape[1:]):
+            raise ValueError(
+                f"{name} has per-sample shape {tuple(x.shape[1:])} but its background has "
+                f"{tuple(background.shape[1:])}; both must describe the same model input."
+            )
+        if x.dtype != background.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but its background has {background.dtype}; cast "
+                f"one to match (e.g. X.to({background.dtype}))."
+            )
+        if x.device != background.device:
+            raise ValueError(
+                f"{name} is on {x.device} but its background is on {background.device}; move "
+                "both to the model's device."
+            )
+        for tensor, what in ((x, name), (background, f"the background of {name}")):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(
+                    f"{what} contains NaN or Inf; DeepLIFT needs finite inputs and references. "
+                    "Clean or impute the data before explaining."
+                )
+
+
+# shap's forward hook stores module.x / module.y as Parameters (in _parameters, not vars()).
+_ADDED_BY_SHAP = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_parameters",
+)
+
+
+def _module_snapshot(model):
+    """What shap may leave on a module: hook ids, saved parameters, attributes, flags."""
+    return {
+        module: (
+            {name: set(getattr(module, name)) for name in _ADDED_BY_SHAP},
+            set(vars(module)),
+            module._is_full_backward_hook,
+            module.training,
+        )
+        for module in model.modules()
+    }
+
+
+def _restore(snapshot) -> None:
+    """Undo what an interrupted shap_values left behind (shap removes its hooks only on success)."""
+    for module, (hooks, attributes, full_backward, training) in snapshot.items():
+        for name in _ADDED_BY_SHAP:
+            entries = getattr(module, name)
+            for key in set(entries) - hooks[name]:
+                del entries[key]
+        for key in set(vars(module)) - attributes:
+            delattr(module, key)
+        module._is_full_backward_hook = full_backward
+        module.training = training
+
+
 def _make_shap_values(original):
     def shap_values(self, X, ranked_outputs=None, output_rank_order="max", check_additivity=True):
         if not recurrent_modules(self.model):
             return original(self, X, ranked_outputs, output_rank_order, check_additivity)
-        with deeplift_mode(self.model):
-            result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
+        _validate_inputs(self, X)
+        snapshot = _module_snapshot(self.model)
+        try:
+            with deeplift_mode(self.model):
+                result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
+        finally:
+            _restore(snapshot)
         if check_additivity:
             _strict_additivity(self, X, result, ranked_outputs)
         return result
