@@ -153,14 +153,18 @@ class LSTMRule:
         """One forward step. Returns (h', (h', c'), saved) with saved = (z, gates, c', tanh c')."""
         h, c = state
         z = torch.addmm(xproj_t, h, weights.w_hh.T)
-        i, f, g, o = z.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
+        H = c.shape[1]
+        # One sigmoid over all four gates, then overwrite g with its tanh: fewer kernels per
+        # step than four separate activations and a concatenation.
+        gates = torch.sigmoid(z)
+        g = torch.tanh(z[:, 2 * H : 3 * H])
+        gates[:, 2 * H : 3 * H] = g
+        i, f, _, o = gates.chunk(4, dim=1)
+        c_new = torch.addcmul(f * c, i, g)
         tanh_c = torch.tanh(c_new)
         h_new = o * tanh_c
         if weights.w_hr is not None:
             h_new = h_new @ weights.w_hr.T
-        gates = torch.cat((i, f, g, o), dim=1)
         return h_new, (h_new, c_new), (z, gates, c_new, tanh_c)
 
     @staticmethod
