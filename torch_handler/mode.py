@@ -43,6 +43,41 @@ def is_active(module: nn.Module) -> bool:
         return module in _active
 
 
+class ModelSnapshot:
+    """What an engine may leave on a model's modules, to put back after an exception.
+
+    Engines register hooks and store tensors on modules during a call and clean up only when
+    the call succeeds (shap removes its hooks at the end of shap_values; Captum deletes the
+    ``input``/``output`` it stores on nn.ReLU in its backward hook). Taken before the call,
+    ``restore()`` removes hook ids, Parameters (shap stores ``module.x`` as one) and
+    attributes added since, and resets the training and full-backward-hook flags.
+    """
+
+    _ADDED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_parameters")
+
+    def __init__(self, model: nn.Module):
+        self._modules = {
+            module: (
+                {name: set(getattr(module, name)) for name in self._ADDED},
+                set(vars(module)),
+                module._is_full_backward_hook,
+                module.training,
+            )
+            for module in model.modules()
+        }
+
+    def restore(self) -> None:
+        for module, (entries, attributes, full_backward, training) in self._modules.items():
+            for name in self._ADDED:
+                table = getattr(module, name)
+                for key in set(table) - entries[name]:
+                    del table[key]
+            for key in set(vars(module)) - attributes:
+                delattr(module, key)
+            module._is_full_backward_hook = full_backward
+            module.training = training
+
+
 def _check_model(model: nn.Module, modules: list[nn.Module]) -> None:
     for module in modules:
         check_supported(module)
@@ -70,6 +105,9 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
     Raises UnsupportedConfigurationError for a configuration the rule does not cover
     (modules overriding forward, half precision, dropout active in training mode); warns if
     the model has no recurrent module. Yields the model itself.
+
+    If the body raises, the model also loses whatever hooks, attributes and flags the engine
+    had added to it before failing (see :class:`ModelSnapshot`).
     """
     modules = recurrent_modules(model)
     if not modules:
@@ -81,6 +119,7 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
         )
     _check_model(model, modules)
     entered: list[nn.Module] = []
+    snapshot = None
     try:
         with _lock:
             for module in modules:
@@ -93,7 +132,13 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
                 else:
                     record[0] += 1
                 entered.append(module)
+        # Taken after the forwards are swapped, so restoring leaves those to `finally`.
+        snapshot = ModelSnapshot(model)
         yield model
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
     finally:
         with _lock:
             for module in entered:

@@ -25,7 +25,7 @@ import torch
 
 from .additivity import check_additivity
 from .errors import UnsupportedConfigurationError
-from .mode import deeplift_mode, is_active, recurrent_modules
+from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
 from .modules import SUPPORTED_MODULES
 
 SUPPORTED_SHAP = (">=0.46", "<0.52")
@@ -165,53 +165,16 @@ def _validate_inputs(explainer, X) -> None:
                 )
 
 
-# shap's forward hook stores module.x / module.y as Parameters (in _parameters, not vars()).
-_ADDED_BY_SHAP = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_parameters",
-)
-
-
-def _module_snapshot(model):
-    """What shap may leave on a module: hook ids, saved parameters, attributes, flags."""
-    return {
-        module: (
-            {name: set(getattr(module, name)) for name in _ADDED_BY_SHAP},
-            set(vars(module)),
-            module._is_full_backward_hook,
-            module.training,
-        )
-        for module in model.modules()
-    }
-
-
-def _restore(snapshot) -> None:
-    """Undo what an interrupted shap_values left behind (shap removes its hooks only on success)."""
-    for module, (hooks, attributes, full_backward, training) in snapshot.items():
-        for name in _ADDED_BY_SHAP:
-            entries = getattr(module, name)
-            for key in set(entries) - hooks[name]:
-                del entries[key]
-        for key in set(vars(module)) - attributes:
-            delattr(module, key)
-        module._is_full_backward_hook = full_backward
-        module.training = training
-
-
 def _make_shap_values(original):
     def shap_values(self, X, ranked_outputs=None, output_rank_order="max", check_additivity=True):
         if not recurrent_modules(self.model):
             return original(self, X, ranked_outputs, output_rank_order, check_additivity)
         _validate_inputs(self, X)
-        snapshot = _module_snapshot(self.model)
-        try:
-            with deeplift_mode(self.model):
-                result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
-        finally:
-            _restore(snapshot)
+        snapshot = ModelSnapshot(self.model)
+        with deeplift_mode(self.model):
+            result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
+        # shap leaves _is_full_backward_hook set on every leaf even after success.
+        snapshot.restore()
         if check_additivity:
             _strict_additivity(self, X, result, ranked_outputs)
         return result
