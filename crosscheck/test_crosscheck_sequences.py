@@ -77,11 +77,11 @@ def test_stacks_agree_with_the_oracle_elementwise(kind, index):
         call = lambda m, x, h0, c0: (lambda o: (o[0], *o[1]))(m(x, (h0, c0)))  # noqa: E731
     else:
         call = lambda m, x, h0: m(x, h0)  # noqa: E731
-    halves = handler_multipliers(module, call, actual, reference, [0, 1, 1][: len(actual)], m_out, [0, 1, 1][: len(m_out)])
+    dims = [0, 1, 1][: len(actual)]  # batch axis: x is batch first, states are (L*D, B, ·)
+    halves = handler_multipliers(module, call, actual, reference, dims, m_out, dims)
 
     # Oracle: batch first everywhere.
     to_oracle = lambda t, dim: t.movedim(dim, 0).numpy()  # noqa: E731
-    dims = [0, 1, 1]
     a = [to_oracle(t, d) for t, d in zip(actual, dims, strict=False)]
     r = [to_oracle(t, d) for t, d in zip(reference, dims, strict=False)]
     m = [to_oracle(t, d) for t, d in zip(m_out, dims, strict=False)]
