@@ -9,9 +9,10 @@ of *every* output (sequence, h_n, c_n; zeros for outputs nobody read) and return
 multipliers of *every* input (x, h0, c0).
 
 One Function runs one layer in one direction over a whole sequence: all input projections in
-one matmul before the loop, one matmul per step in each direction, and the rule's
-coefficients computed for all steps at once in backward. A single cell step is the same
-Function with ``T = 1``, so cells and sequences share one code path.
+one matmul before the loop, one matmul per step in each direction, preallocated buffers (no
+per-step lists to stack), and in backward the rule's coefficients computed a chunk of steps
+at a time, with one matmul per chunk for the input multipliers. A single cell step is the
+same Function with ``T = 1``, so cells and sequences share one code path.
 """
 
 from __future__ import annotations
@@ -25,73 +26,75 @@ def _split_pairs(t: Tensor) -> Tensor:
     return t.reshape(2, t.shape[0] // 2, *t.shape[1:])
 
 
+# Steps whose rule coefficients are computed together in backward: large enough to vectorise,
+# small enough that the coefficient temporaries stay a fraction of the saved buffers.
+CHUNK = 16
+
+
 class RecurrentRuleFunction(torch.autograd.Function):
     """``apply(rule, weights, mask, x, *state0) -> (out, *state_n)``.
 
-    rule: an instance or class from :mod:`torch_handler.rules`; weights: its weights tuple
-    (detached tensors: under DeepLIFT the parameter "gradients" would be meaningless, so none
-    are produced); mask: None or a bool (T, B) tensor, False where a (packed) sequence has
-    ended, in which case the state passes through unchanged; x: (T, B, I) on the doubled
-    batch B = 2N; state0: the cell state tensors, each (B, ·).
+    rule: an object from :mod:`torch_handler.rules`; weights: its weights tuple (detached
+    tensors: under DeepLIFT parameter "gradients" would be meaningless, so none are
+    produced); mask: None or a bool (T, B) tensor, False where a (packed) sequence has ended
+    (a suffix of each row: the state then passes through unchanged); x: (T, B, I) on the
+    doubled batch B = 2N; state0: the cell state tensors, each (B, ·).
 
     Returns out (T, B, P) (zeros where ``mask`` is False) and the final state tensors.
-    Backward returns DeepLIFT multipliers for x and every state0 tensor, the same rule
+    Backward returns DeepLIFT multipliers for x and every state0 tensor: the same rule
     applied to each half's incoming multiplier.
     """
 
     @staticmethod
     def forward(ctx, rule, weights, mask, x, *state0):
-        xproj = rule.input_projection(weights, x)
+        buffers = rule.forward_buffers(weights, x)
+        out = buffers[-1]
         state = state0
-        outputs, saved = [], []
         for t in range(x.shape[0]):
-            h_new, new_state, saved_t = rule.step(weights, xproj[t], state)
+            new_state = rule.step(weights, buffers, t, state)
             if mask is not None:
                 keep = mask[t].unsqueeze(1)
-                new_state = tuple(
-                    torch.where(keep, new, old) for new, old in zip(new_state, state, strict=True)
-                )
-                h_new = h_new * keep
-            outputs.append(h_new)
-            saved.append(saved_t)
+                new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state, strict=True))
+                out[t].mul_(keep)
             state = new_state
-        if isinstance(saved[0], tuple):
-            ctx.saved_steps = tuple(torch.stack(parts) for parts in zip(*saved, strict=True))
-        else:
-            ctx.saved_steps = torch.stack(saved)
-        ctx.rule, ctx.weights, ctx.mask = rule, weights, mask
-        ctx.save_for_backward(*state0)
-        return (torch.stack(outputs), *state)
+        ctx.rule, ctx.weights, ctx.mask, ctx.num_states = rule, weights, mask, len(state0)
+        ctx.save_for_backward(*state0, *buffers)
+        # Final states are views of the buffers backward reads: hand out copies.
+        return (out, *(s.clone() for s in state))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
         rule, weights, mask = ctx.rule, ctx.weights, ctx.mask
-        state0 = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        state0, buffers = saved[: ctx.num_states], saved[ctx.num_states :]
         T, B = grad_out.shape[:2]
-        coeffs = rule.coefficients(ctx.saved_steps, state0)
+        need_x = ctx.needs_input_grad[3]
+        grad_x = grad_out.new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
         m_h = _split_pairs(grad_state[0])
         m_rest = tuple(_split_pairs(g) for g in grad_state[1:])
-        m_xproj = None
-        for t in reversed(range(T)):
-            m_h = m_h + _split_pairs(grad_out[t])
-            m_z, m_h_prev, m_rest_prev = rule.step_backward(
-                weights, tuple(c[t] for c in coeffs), m_h, m_rest
-            )
-            if mask is not None:
-                # A finished sequence passes its state through: so do its multipliers.
-                keep = _split_pairs(mask[t]).unsqueeze(-1)
-                m_z = m_z * keep
-                m_h_prev = torch.where(keep, m_h_prev, m_h)
-                m_rest_prev = tuple(
-                    torch.where(keep, new, old) for new, old in zip(m_rest_prev, m_rest, strict=True)
-                )
-            if m_xproj is None:
-                m_xproj = m_z.new_empty((T, *m_z.shape))
-            m_xproj[t] = m_z
-            m_h, m_rest = m_h_prev, m_rest_prev
-        grad_x = None
-        if ctx.needs_input_grad[3]:
-            grad_x = (m_xproj.reshape(T * B, -1) @ weights.w_ih).view(T, B, -1)
+        for t1 in range(T, 0, -CHUNK):
+            t0 = max(0, t1 - CHUNK)
+            coeffs = rule.coefficients(weights, buffers, state0, t0, t1)
+            m_x_side = None
+            for t in reversed(range(t0, t1)):
+                m_h = m_h + _split_pairs(grad_out[t])
+                m_z, m_h_prev, m_rest_prev = rule.step_backward(weights, tuple(c[t - t0] for c in coeffs), m_h, m_rest)
+                if mask is not None:
+                    # A finished sequence passes its state through: so do its multipliers.
+                    keep = _split_pairs(mask[t]).unsqueeze(-1)
+                    m_z = m_z * keep
+                    m_h_prev = torch.where(keep, m_h_prev, m_h)
+                    m_rest_prev = tuple(
+                        torch.where(keep, new, old) for new, old in zip(m_rest_prev, m_rest, strict=True)
+                    )
+                if need_x:
+                    if m_x_side is None:
+                        m_x_side = m_z.new_empty((t1 - t0, *m_z.shape))
+                    m_x_side[t - t0] = m_z
+                m_h, m_rest = m_h_prev, m_rest_prev
+            if need_x:
+                # One matmul per chunk for the input multipliers.
+                torch.mm(m_x_side.view((t1 - t0) * B, -1), weights.w_ih, out=grad_x[t0:t1].view((t1 - t0) * B, -1))
         grads_state = [m_h.reshape(B, -1), *(m.reshape(B, -1) for m in m_rest)]
         grads_state = [g if ctx.needs_input_grad[4 + k] else None for k, g in enumerate(grads_state)]
         return (None, None, None, grad_x, *grads_state)

@@ -98,9 +98,31 @@ def _layer_weights(module: nn.Module, layer: int, direction: int):
     return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
 
 
-def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], mask):
+def _reversal(lengths: Tensor, steps: int) -> Tensor:
+    """Gather index (T, B) reversing each row within its own length, padding left in place.
+
+    The reverse direction of a packed sequence starts at each row's last valid step. Reversed
+    this way (rather than flipping the padded tensor) the padding stays a suffix of every row,
+    which is what the Function's mask expects.
+    """
+    t = torch.arange(steps, device=lengths.device).unsqueeze(1)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _reverse(seq: Tensor, index: Tensor | None) -> Tensor:
+    if index is None:
+        return seq.flip(0)
+    return seq.gather(0, index.unsqueeze(-1).expand_as(seq))
+
+
+def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], lengths: Tensor | None):
     """All layers and directions: x (T, B, I), state0 each (L*D, B, ·) -> (out, finals)."""
     num_directions = 2 if module.bidirectional else 1
+    mask = reversal = None
+    if lengths is not None:
+        steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        mask = steps < lengths
+        reversal = _reversal(lengths, x.shape[0])
     layer_input = x
     finals: list[list[Tensor]] = [[] for _ in state0]
     for layer in range(module.num_layers):
@@ -108,15 +130,10 @@ def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], mask):
         for direction in range(num_directions):
             weights = _detached(rule.weights(*_layer_weights(module, layer, direction)))
             index = layer * num_directions + direction
-            reverse = direction == 1
-            # The reverse direction runs forward in time over the flipped sequence; for padded
-            # rows the flipped padding comes first and, masked, passes h0 through unchanged.
-            seq = layer_input.flip(0) if reverse else layer_input
-            seq_mask = mask.flip(0) if (reverse and mask is not None) else mask
-            out, *final = RecurrentRuleFunction.apply(
-                rule, weights, seq_mask, seq, *(s[index] for s in state0)
-            )
-            outputs.append(out.flip(0) if reverse else out)
+            # The reverse direction runs forward in time over the reversed sequence.
+            seq = _reverse(layer_input, reversal) if direction else layer_input
+            out, *final = RecurrentRuleFunction.apply(rule, weights, mask, seq, *(s[index] for s in state0))
+            outputs.append(_reverse(out, reversal) if direction else out)
             for k, f in enumerate(final):
                 finals[k].append(f)
         layer_input = torch.cat(outputs, dim=2) if num_directions == 2 else outputs[0]
@@ -124,6 +141,7 @@ def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], mask):
 
 
 def _unpack(module, packed: PackedSequence):
+    """Padded (T, B, F) input in the original batch order, and the lengths (B,) on its device."""
     x, lengths = pad_packed_sequence(packed, batch_first=False)
     n = x.shape[1] // 2
     if not torch.equal(lengths[:n], lengths[n:]):
@@ -132,9 +150,7 @@ def _unpack(module, packed: PackedSequence):
             f"lengths ({lengths[:n].tolist()} vs {lengths[n:].tolist()}); the rule pairs them "
             "step by step. Give each reference the same length as the input it explains."
         )
-    steps = torch.arange(x.shape[0]).unsqueeze(1)
-    mask = (steps < lengths.unsqueeze(0)).to(x.device)
-    return x, mask
+    return x, lengths.to(x.device)
 
 
 def _repack(out: Tensor, packed: PackedSequence) -> PackedSequence:
@@ -161,8 +177,9 @@ def sequence_forward(module: nn.Module, input, hx=None):
         )
     is_lstm = isinstance(module, nn.LSTM)
     packed = input if isinstance(input, PackedSequence) else None
+    lengths = None
     if packed is not None:
-        x, mask = _unpack(module, packed)
+        x, lengths = _unpack(module, packed)
     else:
         if input.dim() != 3:
             raise DoubledBatchError(
@@ -170,7 +187,6 @@ def sequence_forward(module: nn.Module, input, hx=None):
                 "a DeepLIFT engine needs a batch dimension to pair inputs with references."
             )
         x = input.transpose(0, 1) if module.batch_first else input
-        mask = None
     _check_input(module, x, "input")
     T, B = x.shape[:2]
     _check_doubled(module, B)
@@ -190,7 +206,7 @@ def sequence_forward(module: nn.Module, input, hx=None):
                     "(num_layers * num_directions, batch, size) for this input."
                 )
             _check_input(module, s, name)
-    out, finals = _run_stack(module, rule_for(module), x, state0, mask)
+    out, finals = _run_stack(module, rule_for(module), x, state0, lengths)
     if packed is not None:
         output = _repack(out, packed)
     else:

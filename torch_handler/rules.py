@@ -2,9 +2,9 @@
 
 Every engine integration (shap, Captum, tangermeme) ends up here: the autograd Function in
 :mod:`torch_handler.function` runs a cell's ``step`` forward through time on the doubled batch
-``cat([actual, reference])`` and, in backward, turns output multipliers into input
-multipliers with ``coefficients`` and ``step_backward``. Nothing else in the package knows
-the cell equations.
+``cat([actual, reference])``, writing into the rule's ``forward_buffers``, and, in backward,
+turns output multipliers into input multipliers with ``coefficients`` (vectorised over a
+chunk of steps) and ``step_backward``. Nothing else in the package knows the cell equations.
 
 Notation (RULES.md §1): every quantity has an actual value ``a`` (first half of the batch)
 and a reference value ``r`` (second half); ``mean(u) = (u_a + u_r) / 2``.
@@ -122,15 +122,32 @@ class LSTMWeights(NamedTuple):
     w_hr: Tensor | None
 
 
+def _input_projection(w_ih: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """All time steps' input projections in one matmul: (T, B, I) -> (T, B, G), contiguous."""
+    T, B, _ = x.shape
+    flat = x.reshape(T * B, -1)
+    proj = flat @ w_ih.T if bias is None else torch.addmm(bias, flat, w_ih.T)
+    return proj.view(T, B, -1)
+
+
+def _previous(buffer: Tensor, first: Tensor, t0: int, t1: int) -> Tensor:
+    """Steps t0..t1-1 of the sequence shifted by one: (first, buffer[0], buffer[1], ...)."""
+    if t0 > 0:
+        return buffer[t0 - 1 : t1 - 1]
+    return torch.cat((first.unsqueeze(0), buffer[: t1 - 1]), dim=0)
+
+
 class LSTMRule:
     """``z = W_ih x + W_hh h + b``; ``i, f, o = σ(z_·)``, ``g = tanh(z_g)``;
     ``c' = f ⊙ c + i ⊙ g``; ``h' = o ⊙ tanh(c')`` (times ``W_hr`` with a projection).
 
-    State is ``(h, c)``: ``h`` (B, P), ``c`` (B, H).
+    State ``(h, c)``: h (B, P), c (B, H). Forward buffers: the pre-activations Z (T, B, 4H)
+    (the input projection, to which each step adds its recurrent part in place), the cell
+    states C (T, B, H) and the output OUT (T, B, P). The gates are recomputed from Z in
+    backward: saving only Z and C keeps memory below native autograd's.
     """
 
     name = "LSTM"
-    num_states = 2
 
     @staticmethod
     def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> LSTMWeights:
@@ -138,47 +155,44 @@ class LSTMRule:
         return LSTMWeights(w_ih, w_hh, bias, w_hr)
 
     @staticmethod
-    def input_projection(weights: LSTMWeights, x: Tensor) -> Tensor:
-        """All time steps' input projections in one matmul: (T, B, I) -> (T, B, 4H)."""
-        T, B, _ = x.shape
-        flat = x.reshape(T * B, -1)
-        if weights.bias is None:
-            proj = flat @ weights.w_ih.T
-        else:
-            proj = torch.addmm(weights.bias, flat, weights.w_ih.T)
-        return proj.view(T, B, -1)
+    def forward_buffers(weights: LSTMWeights, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        Z = _input_projection(weights.w_ih, weights.bias, x)
+        T, B = x.shape[:2]
+        H = weights.w_hh.shape[0] // 4
+        P = H if weights.w_hr is None else weights.w_hr.shape[0]
+        return Z, x.new_empty(T, B, H), x.new_empty(T, B, P)
 
     @staticmethod
-    def step(weights: LSTMWeights, xproj_t: Tensor, state: tuple[Tensor, Tensor]):
-        """One forward step. Returns (h', (h', c'), saved) with saved = (z, gates, c', tanh c')."""
+    def step(weights: LSTMWeights, buffers, t: int, state: tuple[Tensor, Tensor]):
+        """One forward step, writing Z[t], C[t], OUT[t]. Returns the new state (views)."""
+        Z, C, OUT = buffers
         h, c = state
-        z = torch.addmm(xproj_t, h, weights.w_hh.T)
+        z = Z[t].addmm_(h, weights.w_hh.T)
         H = c.shape[1]
-        # One sigmoid over all four gates, then overwrite g with its tanh: fewer kernels per
-        # step than four separate activations and a concatenation.
+        # One sigmoid over all four gates, then g's tanh: fewer kernels per step.
         gates = torch.sigmoid(z)
         g = torch.tanh(z[:, 2 * H : 3 * H])
-        gates[:, 2 * H : 3 * H] = g
         i, f, _, o = gates.chunk(4, dim=1)
-        c_new = torch.addcmul(f * c, i, g)
-        tanh_c = torch.tanh(c_new)
-        h_new = o * tanh_c
-        if weights.w_hr is not None:
-            h_new = h_new @ weights.w_hr.T
-        return h_new, (h_new, c_new), (z, gates, c_new, tanh_c)
+        c_new = torch.addcmul(f * c, i, g, out=C[t])
+        if weights.w_hr is None:
+            h_new = torch.mul(o, torch.tanh(c_new), out=OUT[t])
+        else:
+            h_new = torch.mm(o * torch.tanh(c_new), weights.w_hr.T, out=OUT[t])
+        return h_new, c_new
 
     @staticmethod
-    def coefficients(saved: tuple[Tensor, ...], initial_state: tuple[Tensor, Tensor]):
-        """Per-pair rule coefficients for all steps at once (vectorised over time).
+    def coefficients(weights: LSTMWeights, buffers, state0, t0: int, t1: int):
+        """Per-pair rule coefficients for steps t0..t1-1 at once (vectorised over time).
 
-        saved: z (T, B, 4H), gates (T, B, 4H), c (T, B, H), tanh c (T, B, H).
-        Returns K (T, N, 4, H) with the gate-input factors, A (T, N, H) = mean(o)·R_tanh(c'),
-        Kc (T, N, H) = mean(f).
+        Returns K (τ, N, 4, H), the gate-input factors; A (τ, N, H) = mean(o)·R_tanh(c');
+        Kc (τ, N, H) = mean(f). (τ = t1 − t0.)
         """
-        z, gates, c_new, tanh_c = saved
-        c0 = initial_state[1]
-        c_prev = torch.cat((c0.unsqueeze(0), c_new[:-1]), dim=0)
+        Z, C, _ = buffers
+        z, c_new = Z[t0:t1], C[t0:t1]
+        c_prev = _previous(C, state0[1], t0, t1)
         H = c_new.shape[-1]
+        gates = torch.sigmoid(z)
+        gates[..., 2 * H : 3 * H] = torch.tanh(z[..., 2 * H : 3 * H])
         z_a, z_r = _halves(z)
         rescale = rescale_sigmoid(z_a, z_r)
         rescale[..., 2 * H : 3 * H] = rescale_tanh(z_a[..., 2 * H : 3 * H], z_r[..., 2 * H : 3 * H])
@@ -186,16 +200,10 @@ class LSTMRule:
         r_i, r_f, r_g, r_o = rescale.chunk(4, dim=-1)
         # m_i = m_c'·mean(g), m_f = m_c'·mean(c), m_g = m_c'·mean(i), m_o = m_h'·mean(tanh c')
         K = torch.stack(
-            (
-                mean_g * r_i,
-                shapley_mean(c_prev) * r_f,
-                mean_i * r_g,
-                shapley_mean(tanh_c) * r_o,
-            ),
+            (mean_g * r_i, shapley_mean(c_prev) * r_f, mean_i * r_g, shapley_mean(torch.tanh(c_new)) * r_o),
             dim=2,
         )
-        c_a, c_r = _halves(c_new)
-        A = mean_o * rescale_tanh(c_a, c_r)
+        A = mean_o * rescale_tanh(*_halves(c_new))
         return K, A, mean_f
 
     @staticmethod
@@ -208,11 +216,9 @@ class LSTMRule:
         K, A, Kc = coeffs_t
         (m_c,) = m_state
         m_p = m_h if weights.w_hr is None else m_h @ weights.w_hr
-        m_c_total = m_c + m_p * A
-        m_z = torch.stack((m_c_total, m_c_total, m_c_total, m_p), dim=2) * K
-        m_z = m_z.flatten(2)
-        m_h_prev = m_z @ weights.w_hh
-        return m_z, m_h_prev, (m_c_total * Kc,)
+        m_c_total = torch.addcmul(m_c, m_p, A)
+        m_z = torch.stack((m_c_total, m_c_total, m_c_total, m_p), dim=2).mul_(K).flatten(2)
+        return m_z, m_z @ weights.w_hh, (m_c_total * Kc,)
 
 
 class GRUWeights(NamedTuple):
@@ -230,70 +236,71 @@ class GRURule:
     ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
     ``hn = W_hn h + b_hn``, ``n = tanh(W_in x + b_in + r ⊙ hn)``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
 
-    State is ``(h,)`` with h (B, H).
+    State ``(h,)`` with h (B, H). Forward buffers: the input side GX (T, B, 3H), the
+    recurrent side GH (T, B, 3H) and OUT (T, B, H); backward recomputes the gates.
     """
 
     name = "GRU"
-    num_states = 1
 
     @staticmethod
     def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> GRUWeights:
         return GRUWeights(w_ih, w_hh, b_ih, b_hh)
 
     @staticmethod
-    def input_projection(weights: GRUWeights, x: Tensor) -> Tensor:
-        T, B, _ = x.shape
-        flat = x.reshape(T * B, -1)
-        if weights.b_ih is None:
-            proj = flat @ weights.w_ih.T
-        else:
-            proj = torch.addmm(weights.b_ih, flat, weights.w_ih.T)
-        return proj.view(T, B, -1)
+    def forward_buffers(weights: GRUWeights, x: Tensor):
+        GX = _input_projection(weights.w_ih, weights.b_ih, x)
+        return GX, torch.empty_like(GX), x.new_empty(*x.shape[:2], weights.w_hh.shape[1])
 
     @staticmethod
-    def step(weights: GRUWeights, xproj_t: Tensor, state: tuple[Tensor]):
+    def step(weights: GRUWeights, buffers, t: int, state: tuple[Tensor]):
+        GX, GH, OUT = buffers
         (h,) = state
+        H = h.shape[1]
         if weights.b_hh is None:
-            hproj = h @ weights.w_hh.T
+            gh = torch.mm(h, weights.w_hh.T, out=GH[t])
         else:
-            hproj = torch.addmm(weights.b_hh, h, weights.w_hh.T)
-        x_r, x_z, x_n = xproj_t.chunk(3, dim=1)
-        h_r, h_z, h_n = hproj.chunk(3, dim=1)
-        pre_r = x_r + h_r
-        pre_z = x_z + h_z
-        r = torch.sigmoid(pre_r)
-        z = torch.sigmoid(pre_z)
-        pre_n = x_n + r * h_n
-        n = torch.tanh(pre_n)
-        h_new = n + z * (h - n)
-        saved = torch.stack((pre_r, pre_z, pre_n, r, z, n, h_n, h), dim=0)
-        return h_new, (h_new,), saved
+            gh = torch.addmm(weights.b_hh, h, weights.w_hh.T, out=GH[t])
+        gx = GX[t]
+        rz = torch.sigmoid(gx[:, : 2 * H] + gh[:, : 2 * H])
+        r, z = rz.chunk(2, dim=1)
+        n = torch.tanh(torch.addcmul(gx[:, 2 * H :], r, gh[:, 2 * H :]))
+        return (torch.addcmul(n, z, h - n, out=OUT[t]),)
 
     @staticmethod
-    def coefficients(saved: Tensor, initial_state: tuple[Tensor]):
-        """saved: (T, 8, B, H) stacked (pre_r, pre_z, pre_n, r, z, n, hn, h_prev).
+    def _pointwise(buffers, state0, t0: int, t1: int):
+        GX, GH, OUT = buffers
+        gx, gh = GX[t0:t1], GH[t0:t1]
+        H = gh.shape[-1] // 3
+        pre_rz = gx[..., : 2 * H] + gh[..., : 2 * H]
+        r, z = torch.sigmoid(pre_rz).chunk(2, dim=-1)
+        h_n = gh[..., 2 * H :]
+        pre_n = torch.addcmul(gx[..., 2 * H :], r, h_n)
+        return pre_rz, r, z, h_n, pre_n, torch.tanh(pre_n), _previous(OUT, state0[0], t0, t1)
 
-        Returns K_n, K_r, K_z, mean_r, mean_z, each (T, N, H).
-        """
-        pre_r, pre_z, pre_n, r, z, n, h_n, h_prev = saved.unbind(dim=1)
+    @staticmethod
+    def coefficients(weights: GRUWeights, buffers, state0, t0: int, t1: int):
+        """Returns K_n, K_r, K_z, mean(r), mean(z), each (τ, N, H)."""
+        pre_rz, r, z, h_n, pre_n, n, h_prev = GRURule._pointwise(buffers, state0, t0, t1)
+        H = h_n.shape[-1]
+        rescale_r, rescale_z = rescale_sigmoid(*_halves(pre_rz)).split(H, dim=-1)
         mean_z = shapley_mean(z)
         # h' = (1−z)⊙n + z⊙h:  m_z = m·(mean(h) − mean(n)),  m_n = m·(1 − mean(z)),  m_h = m·mean(z)
-        K_z = (shapley_mean(h_prev) - shapley_mean(n)) * rescale_sigmoid(*_halves(pre_z))
+        K_z = (shapley_mean(h_prev) - shapley_mean(n)) * rescale_z
         K_n = (1.0 - mean_z) * rescale_tanh(*_halves(pre_n))
         # r ⊙ hn:  m_r = m·mean(hn),  m_hn = m·mean(r)
-        K_r = shapley_mean(h_n) * rescale_sigmoid(*_halves(pre_r))
+        K_r = shapley_mean(h_n) * rescale_r
         return K_n, K_r, K_z, shapley_mean(r), mean_z
 
     @staticmethod
     def step_backward(weights: GRUWeights, coeffs_t, m_h: Tensor, m_state: tuple[Tensor, ...]):
-        """Returns (m_xproj (2, N, 3H), m_h_prev (2, N, H), ())."""
+        """Returns (m_x_side (2, N, 3H), m_h_prev (2, N, H), ())."""
         K_n, K_r, K_z, mean_r, mean_z = coeffs_t
         m_pre_n = m_h * K_n
         m_pre_r = m_pre_n * K_r
         m_pre_z = m_h * K_z
         m_x_side = torch.cat((m_pre_r, m_pre_z, m_pre_n), dim=-1)
         m_h_side = torch.cat((m_pre_r, m_pre_z, m_pre_n * mean_r), dim=-1)
-        m_h_prev = m_h_side @ weights.w_hh + m_h * mean_z
+        m_h_prev = torch.addcmul(m_h_side @ weights.w_hh, m_h, mean_z)
         return m_x_side, m_h_prev, ()
 
 
@@ -306,16 +313,17 @@ class RNNWeights(NamedTuple):
 
 
 class RNNRule:
-    """``h' = φ(W_ih x + b_ih + W_hh h + b_hh)`` with φ = tanh or relu, by Rescale."""
+    """``h' = φ(W_ih x + b_ih + W_hh h + b_hh)`` with φ = tanh or relu, by Rescale.
+
+    State ``(h,)``. Forward buffers: pre-activations PRE (T, B, H) and OUT (T, B, H).
+    """
 
     name = "RNN"
-    num_states = 1
 
     def __init__(self, nonlinearity: str = "tanh"):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        self._phi = torch.tanh if nonlinearity == "tanh" else torch.relu
         self._rescale = rescale_tanh if nonlinearity == "tanh" else rescale_relu
 
     @staticmethod
@@ -323,17 +331,21 @@ class RNNRule:
         bias = None if b_ih is None else b_ih + b_hh
         return RNNWeights(w_ih, w_hh, bias)
 
-    input_projection = staticmethod(LSTMRule.input_projection)
+    @staticmethod
+    def forward_buffers(weights: RNNWeights, x: Tensor):
+        PRE = _input_projection(weights.w_ih, weights.bias, x)
+        return PRE, torch.empty_like(PRE)
 
-    def step(self, weights: RNNWeights, xproj_t: Tensor, state: tuple[Tensor]):
-        (h,) = state
-        pre = torch.addmm(xproj_t, h, weights.w_hh.T)
-        h_new = self._phi(pre)
-        return h_new, (h_new,), pre
+    def step(self, weights: RNNWeights, buffers, t: int, state: tuple[Tensor]):
+        PRE, OUT = buffers
+        pre = PRE[t].addmm_(state[0], weights.w_hh.T)
+        if self.nonlinearity == "tanh":
+            return (torch.tanh(pre, out=OUT[t]),)
+        return (torch.clamp(pre, min=0, out=OUT[t]),)
 
-    def coefficients(self, saved: Tensor, initial_state: tuple[Tensor]):
-        """saved: pre-activations (T, B, H). Returns (R (T, N, H),)."""
-        return (self._rescale(*_halves(saved)),)
+    def coefficients(self, weights: RNNWeights, buffers, state0, t0: int, t1: int):
+        """Returns (R (τ, N, H),)."""
+        return (self._rescale(*_halves(buffers[0][t0:t1])),)
 
     @staticmethod
     def step_backward(weights: RNNWeights, coeffs_t, m_h: Tensor, m_state: tuple[Tensor, ...]):
