@@ -1,0 +1,153 @@
+"""Smoke tests of the ``lstm-deepshap`` command, the demo and the benchmark scripts.
+
+Small sizes only: the demo test runs in about 10 s, the benchmark tests in about 20 s on two
+cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torch_handler import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(relative: str):
+    path = REPO / relative
+    name = "_test_" + path.stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("lstm-deepshap")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("lstm-deepshap")
+    return [found] if found else [sys.executable, "-m", "torch_handler.cli"]
+
+
+def test_demo_command_is_exact_and_writes_pngs(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*_command(), "demo", "--out", str(out), "--samples", "2", "--quick", "--no-progress"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(r"max abs err (\S+), max rel err ([0-9.e+-]+)", done.stdout)
+    assert match, done.stdout
+    assert float(match.group(2)) < 1e-4
+    rows = re.findall(r"^\s+\d{4}Q\d\s.*$", done.stdout, flags=re.MULTILINE)
+    assert len(rows) == 2
+    for name in ("heatmap_mean_abs_shap.png", "heatmap_example_shap.png", "series_shap.png"):
+        png = out / name
+        assert png.is_file() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(png) in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_requested_without_gpu_is_a_clear_error(capsys):
+    assert cli.main(["demo", "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_missing_script_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(cli.SCRIPTS, "demo", tmp_path / "examples" / "demo.py")
+    with pytest.raises(SystemExit, match="editable"):
+        cli.main(["demo", "--quick"])
+
+
+def test_cli_forwards_options(monkeypatch):
+    seen = {}
+
+    class Fake:
+        @staticmethod
+        def main(argv):
+            seen["argv"] = argv
+            return 0
+
+    monkeypatch.setattr(cli, "_load", lambda path: Fake)
+    assert cli.main(["bench", "--out", "o", "--samples", "3", "--quick", "--threads", "1"]) == 0
+    assert seen["argv"] == ["--out", "o", "--device", "cpu", "--seed", "0", "--samples", "3",
+                            "--threads", "1", "--quick"]
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+@pytest.fixture
+def isolated():
+    """One torch thread (steady on a shared machine); registration and threads restored."""
+    import torch_handler
+
+    threads, registered = torch.get_num_threads(), torch_handler.is_registered()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    (torch_handler.register if registered else torch_handler.unregister)()
+
+
+def test_overhead_core_functions(tmp_path, isolated):
+    overhead = _script("benchmarks/overhead.py")
+    result = overhead.run(tmp_path, samples=2, quick=True, memory=False)
+    assert result["forward_backward_ratio"] > 0 and result["shap_values_ratio"] > 0
+    assert result["shap_additivity_error"]["handler"] < 1e-4
+    assert result["shap_additivity_error"]["plain"] > 1e-3  # plain gradients through the LSTM
+    assert json.loads((tmp_path / "overhead.json").read_text())["benchmark"] == "overhead"
+    probe = overhead.measure_memory("deeplift", overhead.QUICK, 2, torch.device("cpu"), 0)
+    assert probe["peak_bytes"] is None or probe["peak_bytes"] >= 0
+
+
+def test_engines_core_functions(isolated):
+    engines = _script("benchmarks/engines.py")
+    model, X, bg = engines.demo_problem(samples=2, background=4, seed=0, epochs=2,
+                                        device=torch.device("cpu"))
+    rows = engines.compare(model, X, bg, seed=0, permutations=1, warmup=False)
+    assert len(rows) == 7
+    by_name = {r["engine"]: r for r in rows}
+    for row in rows:
+        assert row["seconds"] > 0 and np.isfinite(row["additivity_error"])
+    assert by_name["shap DeepExplainer + torch_handler"]["additivity_error"] < 1e-4
+    assert by_name["Captum DeepLiftShap + deeplift_mode"]["additivity_error"] < 1e-4
+    assert by_name["shap PermutationExplainer (1 permutations)"]["additivity_error"] < 1e-4
+    assert by_name["Captum DeepLiftShap + deeplift_mode"]["max_diff_vs_exact_deepshap"] < 1e-4
+
+
+def test_shapley_gap_core_functions(tmp_path):
+    pytest.importorskip("jax")
+    gap = _script("benchmarks/shapley_gap.py")
+    rows = gap.gap_table(((2, 1), (2, 2)), (1.0,), cells=2, seed=0)
+    assert [r["players"] for r in rows] == [4, 6]
+    for row in rows:
+        assert row["max_deepshap_additivity"] < 1e-10
+        assert row["max_torch_vs_oracle"] < 1e-10
+        assert 0 <= row["mean_rel_gap"] <= row["max_rel_gap"]
+        assert -1 <= row["mean_spearman"] <= 1
+    assert gap.spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])) == pytest.approx(0.5)
+
+
+def test_run_all_runs_a_subset(tmp_path):
+    pytest.importorskip("jax")
+    run_all = _script("benchmarks/run_all.py")
+    assert run_all.main(["--quick", "--only", "shapley_gap", "--samples", "1",
+                         "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "run_all.json").read_text())
+    assert summary["failed"] == [] and set(summary["seconds"]) == {"shapley_gap"}
+    assert (tmp_path / "shapley_gap.json").is_file()
