@@ -172,8 +172,9 @@ def _gate_multipliers(fa: _Pointwise, fr: _Pointwise, h_a, h_r, m_h1):
 
     Returns ``(m_ar, m_az, m_an, m_hn, m_h_direct)``.
     """
-    # h1 = u ⊙ n + z ⊙ h with u = 1 − z (so Δu = −Δz)
-    m_u, m_n = product_multipliers(m_h1, 1.0 - fa.z, 1.0 - fr.z, fa.n, fr.n)
+    # h1 = u ⊙ n + z ⊙ h with u = 1 − z (so Δu = −Δz); u evaluated as σ(−a_z), which keeps
+    # its digits where z saturates at 1 (1.0 − z would cancel to a few correct bits).
+    m_u, m_n = product_multipliers(m_h1, jax.nn.sigmoid(-fa.a_z), jax.nn.sigmoid(-fr.a_z), fa.n, fr.n)
     m_z_keep, m_h_direct = product_multipliers(m_h1, fa.z, fr.z, h_a, h_r)
     m_z = m_z_keep - m_u
     m_an = m_n * rescale("tanh", fa.a_n, fr.a_n, fa.n, fr.n)

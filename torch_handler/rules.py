@@ -284,9 +284,10 @@ class GRURule:
         H = h_n.shape[-1]
         rescale_r, rescale_z = rescale_sigmoid(*_halves(pre_rz)).split(H, dim=-1)
         mean_z = shapley_mean(z)
-        # h' = (1−z)⊙n + z⊙h:  m_z = m·(mean(h) − mean(n)),  m_n = m·(1 − mean(z)),  m_h = m·mean(z)
+        # h' = (1−z)⊙n + z⊙h:  m_z = m·(mean(h) − mean(n)),  m_n = m·mean(1 − z),  m_h = m·mean(z).
+        # 1 − z is evaluated as σ(−pre_z): where z saturates at 1, 1.0 − z keeps no digits.
         K_z = (shapley_mean(h_prev) - shapley_mean(n)) * rescale_z
-        K_n = (1.0 - mean_z) * rescale_tanh(*_halves(pre_n))
+        K_n = shapley_mean(torch.sigmoid(-pre_rz[..., H:])) * rescale_tanh(*_halves(pre_n))
         # r ⊙ hn:  m_r = m·mean(hn),  m_hn = m·mean(r)
         K_r = shapley_mean(h_n) * rescale_r
         return K_n, K_r, K_z, shapley_mean(r), mean_z
