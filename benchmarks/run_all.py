@@ -1,7 +1,8 @@
-"""All three benchmarks, one after the other (what ``lstm-deepshap bench`` runs).
+"""All the benchmarks, one after the other (what ``lstm-deepshap bench`` runs).
 
     python benchmarks/run_all.py --out out [--quick] [--threads 1] [--only engines]
 
+* ``exactness.py``: additivity with and without the handler, shap and Captum, every family;
 * ``overhead.py``: the DeepLIFT rule vs native autograd (time, memory), shap with vs without
   the handler;
 * ``engines.py``: seven ways to explain the demo's LSTM, time and additivity;
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as common  # noqa: E402
 
-BENCHMARKS = ("overhead", "engines", "shapley_gap")
+BENCHMARKS = ("exactness", "overhead", "engines", "shapley_gap")
 
 
 def _module(name: str):
