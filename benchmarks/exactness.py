@@ -126,7 +126,8 @@ def measure(name, factory, shape, dtype, samples, seed):
         values = shap.DeepExplainer(model, background).shap_values(X, check_additivity=False)
     row["shap alone (scale)"], row["shap alone (share of Δf)"] = errors(model, background, X, values)
     if not seed_case:  # Captum's DeepLiftShap wants one tensor input here
-        with torch_handler.deeplift_mode(model):
+        with torch_handler.deeplift_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Captum announces its hooks on every call
             attributions = DeepLiftShap(model).attribute(X, baselines=background, target=0)
         with torch.no_grad():
             f = model(X)[:, 0].double()

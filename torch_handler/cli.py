@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train an LSTM forecaster on macrodata, explain it "
                                "with shap.DeepExplainer, print the additivity table, write PNGs")
-    bench = commands.add_parser("bench", help="overhead, engine comparison and Shapley-gap "
+    bench = commands.add_parser("bench", help="exactness, overhead, engine comparison and Shapley-gap "
                                 "benchmarks; tables printed, JSON written to --out")
     for sub in (demo, bench):
         sub.add_argument("--out", default="out", help="output folder (default: out)")

@@ -28,7 +28,7 @@ def _split_pairs(t: Tensor) -> Tensor:
 
 # Steps whose rule coefficients are computed together in backward: large enough to vectorise,
 # small enough that the coefficient temporaries stay a fraction of the saved buffers.
-CHUNK = 16
+CHUNK = 32
 
 
 class RecurrentRuleFunction(torch.autograd.Function):

@@ -70,17 +70,16 @@ def rescale_sigmoid(z_a: Tensor, z_r: Tensor) -> Tensor:
     With ``hi = max(z_a, z_r)``, ``lo = min(z_a, z_r)``, ``d = hi − lo ≥ 0``:
     ``σ(hi) − σ(lo) = σ(hi) · σ(−lo) · (1 − e^{−d})``, so the factor is
     ``σ(hi) σ(−lo) · (−expm1(−d) / d)``. Every term is computed without cancellation and
-    without overflow, and ``−expm1(−d)/d → 1`` as ``d → 0`` gives ``σ'(z)`` in the limit.
-    This is why no midpoint-derivative threshold is needed here (the JAX oracle uses the
-    textbook quotient with a threshold instead; the two agree to rounding).
+    without overflow, and ``−expm1(−d)/d → 1`` as ``d → 0`` gives ``σ'(z)`` in the limit
+    (``d`` is clamped to the smallest normal number, where the ratio is exactly 1, so
+    ``d = 0`` needs no special case). This is why no midpoint-derivative threshold is needed
+    here (the JAX oracle uses a threshold and other closed forms; the two agree to rounding).
     """
-    hi = torch.maximum(z_a, z_r)
     lo = torch.minimum(z_a, z_r)
-    d = hi - lo
-    positive = d > 0
-    safe_d = torch.where(positive, d, torch.ones_like(d))
-    ratio = torch.where(positive, -torch.expm1(-safe_d) / safe_d, torch.ones_like(d))
-    return torch.sigmoid(hi) * torch.sigmoid(-lo) * ratio
+    hi = torch.maximum(z_a, z_r)
+    d = (hi - lo).clamp_min_(torch.finfo(lo.dtype).tiny)
+    ratio = torch.expm1(d.neg()).div_(d).neg_()
+    return torch.sigmoid(hi).mul_(torch.sigmoid(lo.neg_())).mul_(ratio)
 
 
 def rescale_tanh(z_a: Tensor, z_r: Tensor) -> Tensor:
@@ -191,11 +190,14 @@ class LSTMRule:
         z, c_new = Z[t0:t1], C[t0:t1]
         c_prev = _previous(C, state0[1], t0, t1)
         H = c_new.shape[-1]
+        # tanh(z) = 2σ(2z) − 1: with g's pre-activations doubled, one sigmoid and one Rescale
+        # call serve all four gates (g's factor is then 4 · R_σ(2z_a, 2z_r)).
+        z = z.clone()
+        z[..., 2 * H : 3 * H] *= 2.0
         gates = torch.sigmoid(z)
-        gates[..., 2 * H : 3 * H] = torch.tanh(z[..., 2 * H : 3 * H])
-        z_a, z_r = _halves(z)
-        rescale = rescale_sigmoid(z_a, z_r)
-        rescale[..., 2 * H : 3 * H] = rescale_tanh(z_a[..., 2 * H : 3 * H], z_r[..., 2 * H : 3 * H])
+        gates[..., 2 * H : 3 * H].mul_(2.0).sub_(1.0)
+        rescale = rescale_sigmoid(*_halves(z))
+        rescale[..., 2 * H : 3 * H] *= 4.0
         mean_i, mean_f, mean_g, mean_o = shapley_mean(gates).chunk(4, dim=-1)
         r_i, r_f, r_g, r_o = rescale.chunk(4, dim=-1)
         # m_i = m_c'·mean(g), m_f = m_c'·mean(c), m_g = m_c'·mean(i), m_o = m_h'·mean(tanh c')
@@ -218,7 +220,7 @@ class LSTMRule:
         m_p = m_h if weights.w_hr is None else m_h @ weights.w_hr
         m_c_total = torch.addcmul(m_c, m_p, A)
         m_z = torch.stack((m_c_total, m_c_total, m_c_total, m_p), dim=2).mul_(K).flatten(2)
-        return m_z, m_z @ weights.w_hh, (m_c_total * Kc,)
+        return m_z, m_z @ weights.w_hh, (m_c_total.mul_(Kc),)
 
 
 class GRUWeights(NamedTuple):
