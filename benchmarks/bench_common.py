@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from torch_handler.cli import resolve_device  # noqa: F401  (re-exported for the scripts)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,16 +35,6 @@ def base_parser(description: str, samples_help: str, samples_default: int) -> ar
 def apply_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "error: --device cuda requested but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__} built {'with' if torch.version.cuda else 'without'} "
-            "CUDA). Use --device cpu, or install a CUDA build of torch on a machine with a GPU."
-        )
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from torch_handler.cli import resolve_device
+
 WINDOW = 8  # quarters of history the model sees
 TRAIN_FRACTION = 0.75
 FEATURES = (
@@ -146,18 +148,6 @@ def deterministic(seed: int, threads: int | None = 1):
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic = saved[2]
         torch.set_num_threads(saved[3])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "error: --device cuda requested but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__} built {'with' if torch.version.cuda else 'without'} "
-            "CUDA). Use --device cpu, or install a CUDA build of torch on a machine with a GPU."
-        )
-    if name not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device must be cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def train(data: Dataset, epochs: int, seed: int, device: torch.device, progress: bool = True,

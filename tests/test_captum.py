@@ -24,6 +24,7 @@ import warnings
 import pytest
 import torch
 from captum.attr import DeepLift, DeepLiftShap, LayerDeepLift, LayerDeepLiftShap
+from helpers import model_state
 from torch import nn
 
 import torch_handler
@@ -299,17 +300,6 @@ def test_nested_and_with_shap_register():
     assert relative_error(model, x, b, plain, 0) > 1e-3
 
 
-def snapshot(model):
-    return {
-        name: (
-            sorted(vars(m)),
-            dict(m._forward_hooks), dict(m._backward_hooks), dict(m._forward_pre_hooks),
-            "forward" in m.__dict__, m.training,
-        )
-        for name, m in model.named_modules()
-    }
-
-
 class PlainLSTMHead(nn.Module):
     """No module Captum hooks: nothing but deeplift_mode could leave state behind."""
 
@@ -327,11 +317,11 @@ class PlainLSTMHead(nn.Module):
 def test_exception_inside_captum_leaves_model_unchanged(cls):
     model, x, b = make(cls, torch.float64)
     model.train()  # no dropout: the mode allows it; the flag must survive untouched
-    before = snapshot(model)
+    before = model_state(model)
     with pytest.raises(IndexError):
         with torch_handler.deeplift_mode(model):
             DeepLift(model).attribute(x, b, target=7)  # 3 outputs: out of range
-    after = snapshot(model)
+    after = model_state(model)
     recurrent = {
         n for n, m in model.named_modules() if isinstance(m, torch_handler.SUPPORTED_MODULES)
     }
@@ -339,7 +329,7 @@ def test_exception_inside_captum_leaves_model_unchanged(cls):
         # Captum leaves .input/.output on nn.ReLU when it fails between forward and
         # backward; deeplift_mode removes them on the way out.
         assert after[name] == before[name], name
-    assert recurrent and all(not before[n][4] and before[n][5] for n in recurrent)
+    assert recurrent and all(not before[n].instance_forward and before[n].training for n in recurrent)
     # And the model still explains exactly afterwards.
     model.eval()
     with torch_handler.deeplift_mode(model):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import shap
 import torch
-from shap_helpers import explain
+from helpers import explain, model_state
 from torch import nn
 
 import torch_handler
@@ -31,25 +31,6 @@ class Classifier(nn.Module):
 def data(dtype=torch.float64, n=4, steps=5):
     torch.manual_seed(0)
     return torch.randn(n, steps, 3, dtype=dtype), torch.randn(2, steps, 3, dtype=dtype)
-
-
-def model_state(model):
-    """Everything an explanation could leave behind on a model."""
-    return [
-        (
-            name,
-            dict(m._forward_hooks),
-            dict(m._forward_pre_hooks),
-            dict(m._backward_hooks),
-            dict(m._backward_pre_hooks),
-            sorted(vars(m)),
-            sorted(m._parameters),
-            "forward" in m.__dict__,
-            m.training,
-            m._is_full_backward_hook,
-        )
-        for name, m in model.named_modules()
-    ]
 
 
 # --- clear errors --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import shap
 import torch
-from shap_helpers import TOLERANCE, additivity_error, explain
+from helpers import TOLERANCE, additivity_error, explain
 from torch import nn
 
 import torch_handler

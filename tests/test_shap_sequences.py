@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import shap
 import torch
-from shap_helpers import TOLERANCE, additivity_error, explain
+from helpers import TOLERANCE, additivity_error, explain
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 

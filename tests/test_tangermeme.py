@@ -33,6 +33,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import model_state
 from tangermeme.deep_lift_shap import deep_lift_shap
 from tangermeme.ersatz import dinucleotide_shuffle
 from tangermeme.utils import random_one_hot
@@ -215,27 +216,16 @@ def test_nested_and_with_shap_register():
     assert float(delta.abs().max()) / scale > 1e-3
 
 
-def snapshot(model):
-    return {
-        name: (
-            sorted(vars(m)),
-            dict(m._forward_hooks), dict(m._backward_hooks), dict(m._forward_pre_hooks),
-            "forward" in m.__dict__, m.training,
-        )
-        for name, m in model.named_modules()
-    }
-
-
 @pytest.mark.parametrize("name", ["lstm", "conv_bilstm"])
 def test_exception_inside_tangermeme_leaves_model_unchanged(name):
     model, X, refs = make(MODELS[name], torch.float64)
     model.train()  # no dropout: deeplift_mode allows it; tangermeme's eval() must be undone
-    before = snapshot(model)
+    before = model_state(model)
     with pytest.raises(IndexError):
         with torch_handler.deeplift_mode(model):
             deep_lift_shap(model, X, references=refs, target=5, device="cpu")  # 2 outputs
-    assert snapshot(model) == before
-    assert all(state[-1] for state in before.values())
+    assert model_state(model) == before
+    assert all(state.training for state in before.values())
     model.eval()
     with torch_handler.deeplift_mode(model):
         m = deep_lift_shap(model, X, references=refs, raw_outputs=True, device="cpu")

@@ -33,6 +33,24 @@ def _load(path: Path):
     return module
 
 
+def resolve_device(name: str):
+    """``torch.device(name)``, or exit with a clear message when CUDA is asked for and absent.
+
+    Shared by this command, ``examples/demo.py`` and the benchmarks.
+    """
+    import torch
+
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "error: --device cuda requested but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__} built {'with' if torch.version.cuda else 'without'} "
+            "CUDA). Use --device cpu, or install a CUDA build of torch on a machine with a GPU."
+        )
+    return torch.device(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-deepshap",
@@ -52,20 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     bench.add_argument("--threads", type=int, help="torch.set_num_threads for the benchmarks")
-    bench.add_argument("--only", help="comma-separated subset of overhead,engines,shapley_gap")
+    bench.add_argument("--only", help="comma-separated subset of exactness,overhead,engines,shapley_gap")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("lstm-deepshap: error: --device cuda requested but torch.cuda.is_available() "
-                  "is False; use --device cpu or a CUDA build of torch on a GPU machine.",
-                  file=sys.stderr)
-            return 2
+    try:
+        resolve_device(args.device)
+    except SystemExit as error:
+        print(f"lstm-deepshap: {error}", file=sys.stderr)
+        return 2
     forwarded = ["--out", args.out, "--device", args.device, "--seed", str(args.seed)]
     for flag in ("samples", "epochs", "threads", "only"):
         value = getattr(args, flag, None)

@@ -33,9 +33,7 @@ def rule_for(module: nn.Module):
         return LSTMRule()
     if isinstance(module, (nn.GRU, nn.GRUCell)):
         return GRURule()
-    if isinstance(module, nn.RNN):
-        return RNNRule(module.nonlinearity)
-    if isinstance(module, nn.RNNCell):
+    if isinstance(module, (nn.RNN, nn.RNNCell)):
         return RNNRule(module.nonlinearity)
     raise UnsupportedConfigurationError(f"no DeepLIFT rule for {type(module).__name__}")
 

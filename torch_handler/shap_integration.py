@@ -47,35 +47,25 @@ def _pass_multipliers(module, grad_input, grad_output):
     return None
 
 
-def lstm_cell_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.LSTMCell (registered as ``op_handler["LSTMCell"]``)."""
-    return _pass_multipliers(module, grad_input, grad_output)
+def _op_handler(module_name: str, function_name: str):
+    """The shap op_handler registered for ``nn.<module_name>``: a named function (shap keys its
+    behaviour on ``__name__``) that passes the already-computed multipliers through."""
+
+    def handler(module, grad_input, grad_output):
+        return _pass_multipliers(module, grad_input, grad_output)
+
+    handler.__name__ = handler.__qualname__ = function_name
+    handler.__module__ = __name__
+    handler.__doc__ = f"shap op_handler for nn.{module_name} (registered as ``op_handler[{module_name!r}]``)."
+    return handler
 
 
-def lstm_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.LSTM."""
-    return _pass_multipliers(module, grad_input, grad_output)
-
-
-def gru_cell_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.GRUCell."""
-    return _pass_multipliers(module, grad_input, grad_output)
-
-
-def gru_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.GRU."""
-    return _pass_multipliers(module, grad_input, grad_output)
-
-
-def rnn_cell_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.RNNCell."""
-    return _pass_multipliers(module, grad_input, grad_output)
-
-
-def rnn_handler(module, grad_input, grad_output):
-    """shap op_handler for nn.RNN."""
-    return _pass_multipliers(module, grad_input, grad_output)
-
+lstm_cell_handler = _op_handler("LSTMCell", "lstm_cell_handler")
+lstm_handler = _op_handler("LSTM", "lstm_handler")
+gru_cell_handler = _op_handler("GRUCell", "gru_cell_handler")
+gru_handler = _op_handler("GRU", "gru_handler")
+rnn_cell_handler = _op_handler("RNNCell", "rnn_cell_handler")
+rnn_handler = _op_handler("RNN", "rnn_handler")
 
 OP_HANDLERS = {
     "LSTMCell": lstm_cell_handler,

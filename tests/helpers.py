@@ -1,6 +1,8 @@
-"""Shared helpers for the end-to-end shap tests."""
+"""Shared helpers of the end-to-end tests (shap, Captum, tangermeme, errors)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,3 +46,34 @@ def explain(model, background, X, **kwargs):
 
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+class ModuleState(NamedTuple):
+    forward_hooks: dict
+    forward_pre_hooks: dict
+    backward_hooks: dict
+    backward_pre_hooks: dict
+    attributes: list
+    parameters: list
+    instance_forward: bool
+    training: bool
+    full_backward_hook: object
+
+
+def model_state(model) -> dict[str, ModuleState]:
+    """Everything an explanation could leave behind on a model, per submodule: hooks, instance
+    attributes, parameters, an instance-level forward, the training and full-backward-hook flags."""
+    return {
+        name: ModuleState(
+            dict(m._forward_hooks),
+            dict(m._forward_pre_hooks),
+            dict(m._backward_hooks),
+            dict(m._backward_pre_hooks),
+            sorted(vars(m)),
+            sorted(m._parameters),
+            "forward" in m.__dict__,
+            m.training,
+            m._is_full_backward_hook,
+        )
+        for name, m in model.named_modules()
+    }
