@@ -100,13 +100,7 @@ class EmbedLSTM(nn.Module):
         return self.fc2(self.act(self.fc1(out[:, -1])))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 MODELS = {"lstm2": LSTMClassifier, "bilstm": BiLSTMClassifier, "gru2bi": GRUClassifier}

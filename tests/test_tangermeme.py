@@ -48,13 +48,7 @@ WARNING_THRESHOLD = 1e-3  # tangermeme's default ``warning_threshold``
 N, S, L = 4, 3, 24  # examples, references per example, sequence length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class OneHotLSTM(nn.Module):
