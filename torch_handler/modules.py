@@ -69,10 +69,15 @@ def _check_input(module: nn.Module, x: Tensor, what: str) -> None:
             f"{type(module).__name__}: {what} is on {x.device} but the module is on "
             f"{weight.device}; move them to the same device."
         )
-    if not torch.isfinite(x).all():
+    check_finite(x, f"{type(module).__name__}: {what}")
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    """Raise ValueError naming ``what`` if ``tensor`` holds NaN or Inf."""
+    if not torch.isfinite(tensor).all():
         raise ValueError(
-            f"{type(module).__name__}: {what} contains NaN or Inf; DeepLIFT needs finite "
-            "inputs and references. Clean or impute the data before explaining."
+            f"{what} contains NaN or Inf; DeepLIFT needs finite inputs and references. "
+            "Clean or impute the data before explaining."
         )
 
 

@@ -49,19 +49,17 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-def shapley_mean(both: Tensor) -> Tensor:
-    """Mean of the actual and reference halves of a doubled-batch tensor.
-
-    ``both``: ``(..., B, ...)`` with the batch on dim ``-2`` or leading; we always pass
-    tensors whose batch axis is dim 1 (``(T, B, F)``), and return ``(T, N, F)``.
-    """
-    n = both.shape[1] // 2
-    return (both[:, :n] + both[:, n:]) * 0.5
-
-
 def _halves(both: Tensor) -> tuple[Tensor, Tensor]:
+    """Actual and reference halves of a (T, B, ·) doubled-batch tensor: two (T, N, ·) views."""
     n = both.shape[1] // 2
     return both[:, :n], both[:, n:]
+
+
+def shapley_mean(both: Tensor) -> Tensor:
+    """``(a + r) / 2`` of a (T, B, ·) doubled-batch tensor: the (T, N, ·) value an operand
+    passes to its partner in a Shapley product."""
+    actual, reference = _halves(both)
+    return (actual + reference) * 0.5
 
 
 def rescale_sigmoid(z_a: Tensor, z_r: Tensor) -> Tensor:

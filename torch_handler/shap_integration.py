@@ -26,7 +26,7 @@ import torch
 from .additivity import check_additivity
 from .errors import UnsupportedConfigurationError
 from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
-from .modules import SUPPORTED_MODULES
+from .modules import SUPPORTED_MODULES, check_finite
 
 SUPPORTED_SHAP = (">=0.46", "<0.52")
 _MISSING = object()
@@ -147,12 +147,8 @@ def _validate_inputs(explainer, X) -> None:
                 f"{name} is on {x.device} but its background is on {background.device}; move "
                 "both to the model's device."
             )
-        for tensor, what in ((x, name), (background, f"the background of {name}")):
-            if not torch.isfinite(tensor).all():
-                raise ValueError(
-                    f"{what} contains NaN or Inf; DeepLIFT needs finite inputs and references. "
-                    "Clean or impute the data before explaining."
-                )
+        check_finite(x, name)
+        check_finite(background, f"the background of {name}")
 
 
 def _make_shap_values(original):
