@@ -1,5 +1,5 @@
-"""Property tests of the rule functions at extremes (issue 8) and of the public API's promise
-that nothing changes outside an explanation (issue 3)."""
+"""Property tests of the rule functions at extremes and of the public API's promise
+that nothing changes outside an explanation."""
 
 from __future__ import annotations
 
