@@ -11,9 +11,9 @@ Two verbs cover the engines:
 The rule for each cell type lives in :mod:`torch_handler.rules`.
 """
 
-from .errors import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
-from .mode import deeplift_mode, recurrent_modules
-from .modules import SUPPORTED_MODULES
+from .errors import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
+from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
+from .registry import REGISTRY, SUPPORTED_MODULES
 from .shap_integration import (
     gru_cell_handler,
     gru_handler,
@@ -31,8 +31,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditivityError",
     "DoubledBatchError",
+    "Explanation",
+    "NonFiniteError",
+    "REGISTRY",
     "SUPPORTED_MODULES",
     "UnsupportedConfigurationError",
+    "current_explanation",
     "deeplift_mode",
     "gru_cell_handler",
     "gru_handler",

@@ -18,15 +18,18 @@
 
 from __future__ import annotations
 
+import copy
 import threading
+import warnings
 
 import numpy as np
 import torch
 
-from .additivity import check_additivity
+from .additivity import Diagnosis, check_additivity
 from .errors import UnsupportedConfigurationError
 from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
-from .modules import SUPPORTED_MODULES, check_finite
+from .modules import check_finite, check_supported
+from .registry import REGISTRY, SUPPORTED_MODULES
 
 SUPPORTED_SHAP = (">=0.46", "<0.52")
 _MISSING = object()
@@ -36,13 +39,25 @@ _saved: dict | None = None
 
 def _pass_multipliers(module, grad_input, grad_output):
     """Shared body of the op_handler entries: the module's own autograd Function already
-    applied the rule, so the incoming gradients are the DeepLIFT multipliers."""
+    applied the rule, so the incoming gradients are the DeepLIFT multipliers.
+
+    Registered shap never attaches its hooks to a module that runs the rule (see
+    ``add_handles`` below), so this body only runs for a ``shap_values`` call that started
+    before :func:`register` took effect (``register()`` from another thread while shap
+    explains) or that bypassed the wrapper. Such a call is shap without the handler: it gets
+    shap's own treatment of an unknown module (a warning, the gradient passed on), with a
+    warning that says so. Raising here instead would escape shap's ``shap_values`` before it
+    removes its hooks, leaving them on every module of the model for good.
+    """
     if not is_active(module):
-        raise UnsupportedConfigurationError(
+        warnings.warn(
             f"shap's backward hook reached {type(module).__name__} while it was not running the "
-            "DeepLIFT rule; its gradients would be plain gradients. Explain through "
-            "shap.DeepExplainer after torch_handler.register(), or inside "
-            "torch_handler.deeplift_mode(model)."
+            "DeepLIFT rule (this shap_values call did not go through torch_handler.register(), "
+            "e.g. it began before register() took effect): it gets plain gradients, as in shap "
+            "without the handler. Call shap_values after torch_handler.register() returns, or "
+            "inside torch_handler.deeplift_mode(model).",
+            UserWarning,
+            stacklevel=2,
         )
     return None
 
@@ -60,21 +75,15 @@ def _op_handler(module_name: str, function_name: str):
     return handler
 
 
-lstm_cell_handler = _op_handler("LSTMCell", "lstm_cell_handler")
-lstm_handler = _op_handler("LSTM", "lstm_handler")
-gru_cell_handler = _op_handler("GRUCell", "gru_cell_handler")
-gru_handler = _op_handler("GRU", "gru_handler")
-rnn_cell_handler = _op_handler("RNNCell", "rnn_cell_handler")
-rnn_handler = _op_handler("RNN", "rnn_handler")
-
-OP_HANDLERS = {
-    "LSTMCell": lstm_cell_handler,
-    "LSTM": lstm_handler,
-    "GRUCell": gru_cell_handler,
-    "GRU": gru_handler,
-    "RNNCell": rnn_cell_handler,
-    "RNN": rnn_handler,
-}
+# shap looks handlers up by the module's class name; one per registry entry.
+OP_HANDLERS = {entry.cls.__name__: _op_handler(entry.cls.__name__, entry.handler) for entry in REGISTRY}
+_BY_NAME = {handler.__name__: handler for handler in OP_HANDLERS.values()}
+lstm_cell_handler = _BY_NAME["lstm_cell_handler"]
+lstm_handler = _BY_NAME["lstm_handler"]
+gru_cell_handler = _BY_NAME["gru_cell_handler"]
+gru_handler = _BY_NAME["gru_handler"]
+rnn_cell_handler = _BY_NAME["rnn_cell_handler"]
+rnn_handler = _BY_NAME["rnn_handler"]
 
 
 def _deep_pytorch():
@@ -99,9 +108,46 @@ def _deep_pytorch():
     return deep_pytorch
 
 
-def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
+def _model_inputs(explainer, X) -> list[torch.Tensor]:
     inputs = X if explainer.multi_input else [X]
-    inputs = [x.detach().to(explainer.device) for x in inputs]
+    return [x.detach().to(explainer.device) for x in inputs]
+
+
+def _float32_rounding(model, inputs, background, outputs, expected, scale) -> float | None:
+    """How far the model's own float32 forward is from its float64 forward on these inputs,
+    relative to ``scale``: the rounding an ill-conditioned model shows without any
+    attribution. Computed on a float64 deep copy; None if the model cannot be copied or cast."""
+    try:
+        exact = copy.deepcopy(model).double()
+        promote = lambda ts: [t.double() if t.is_floating_point() else t for t in ts]  # noqa: E731
+        with torch.no_grad():
+            f64 = exact(*promote(inputs)).cpu().numpy()
+            e64 = exact(*promote(background)).mean(0).cpu().numpy()
+    except Exception:  # a model that cannot be deep-copied or run in float64
+        return None
+    worst = max(np.abs(f64 - outputs).max(), np.abs(e64 - expected).max())
+    return float(worst / scale)
+
+
+def _unhandled_modules(model, op_handler) -> list[str]:
+    """Modules whose computation shap's DeepExplainer has no DeepLIFT rule for: leaves of a
+    class shap does not know, and modules with their own forward code (user-defined classes,
+    where functional calls such as torch.relu or x * y get plain gradients)."""
+    culprits = []
+    for name, module in model.named_modules():
+        label = f"{name or type(model).__name__} ({type(module).__name__})"
+        if isinstance(module, SUPPORTED_MODULES):
+            continue
+        is_leaf = not any(True for _ in module.children())
+        if is_leaf and type(module).__name__ not in op_handler:
+            culprits.append(label + ": no shap rule")
+        elif not type(module).__module__.startswith("torch.nn"):
+            culprits.append(label + ": own forward code")
+    return culprits
+
+
+def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
+    inputs = _model_inputs(explainer, X)
     with torch.no_grad():
         outputs = explainer.model(*inputs)
     dtype = outputs.dtype
@@ -117,7 +163,17 @@ def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
     expected = np.asarray(explainer.expected_value, np.float64)
     deltas = np.take_along_axis(outputs, ranks, axis=1) - expected[ranks]
     scale = max(np.abs(outputs).max(), np.abs(expected).max())
-    check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer")
+
+    def diagnose() -> Diagnosis:
+        from shap.explainers._deep import deep_pytorch
+
+        rounding = None
+        if dtype != torch.float64:
+            rounding = _float32_rounding(explainer.model, inputs, explainer.data, outputs, expected, scale)
+        return Diagnosis(rounding, _unhandled_modules(explainer.model, deep_pytorch.op_handler))
+
+    check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer",
+                     diagnose=diagnose)
 
 
 def _validate_inputs(explainer, X) -> None:
@@ -157,10 +213,13 @@ def _make_shap_values(original):
             return original(self, X, ranked_outputs, output_rank_order, check_additivity)
         _validate_inputs(self, X)
         snapshot = ModelSnapshot(self.model)
-        with deeplift_mode(self.model):
-            result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
-        # shap leaves _is_full_backward_hook set on every leaf even after success.
-        snapshot.restore()
+        try:
+            with deeplift_mode(self.model):
+                result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
+        finally:
+            # shap removes its hooks only when it succeeds, and leaves _is_full_backward_hook set
+            # on every leaf even then: put the model back as found either way.
+            snapshot.restore()
         if check_additivity:
             _strict_additivity(self, X, result, ranked_outputs)
         return result
@@ -168,6 +227,45 @@ def _make_shap_values(original):
     shap_values.__wrapped__ = original
     shap_values.__doc__ = original.__doc__
     return shap_values
+
+
+def _check_model_and_background(model, data) -> None:
+    """What shap's constructor would otherwise trip over first, with shap's or torch's own
+    message: half-precision recurrent weights (shap: "Got unsupported ScalarType"), and a
+    background whose dtype or device differs from the recurrent weights (torch's error from
+    inside the layer)."""
+    modules = recurrent_modules(model)
+    for module in modules:
+        check_supported(module)
+    weight = next(modules[0].parameters(), None) if modules else None
+    if weight is None:
+        return
+    tensors = data if isinstance(data, list) else [data]
+    for k, background in enumerate(tensors):
+        name = f"background {k}" if len(tensors) > 1 else "the background"
+        if not isinstance(background, torch.Tensor) or not background.is_floating_point():
+            continue  # token ids and other integer inputs feed embeddings, not the layer
+        if background.dtype != weight.dtype:
+            raise TypeError(
+                f"{name} has dtype {background.dtype} but the model's recurrent weights are "
+                f"{weight.dtype}; cast one to match (e.g. background.to({weight.dtype}), or "
+                f"model.to({background.dtype}))."
+            )
+        if background.device != weight.device:
+            raise ValueError(
+                f"{name} is on {background.device} but the model's recurrent weights are on "
+                f"{weight.device}; move both to the same device."
+            )
+
+
+def _make_init(original):
+    def __init__(self, model, data):
+        _check_model_and_background(model[0] if isinstance(model, tuple) else model, data)
+        original(self, model, data)
+
+    __init__.__wrapped__ = original
+    __init__.__doc__ = original.__doc__
+    return __init__
 
 
 def _make_add_handles(original):
@@ -194,10 +292,12 @@ def register() -> None:
         cls = deep_pytorch.PyTorchDeep
         saved = {
             "op_handler": {name: deep_pytorch.op_handler.get(name, _MISSING) for name in OP_HANDLERS},
+            "__init__": cls.__dict__["__init__"],
             "shap_values": cls.__dict__["shap_values"],
             "add_handles": cls.__dict__["add_handles"],
         }
         deep_pytorch.op_handler.update(OP_HANDLERS)
+        cls.__init__ = _make_init(saved["__init__"])
         cls.shap_values = _make_shap_values(saved["shap_values"])
         cls.add_handles = _make_add_handles(saved["add_handles"])
         _saved = saved
@@ -216,6 +316,7 @@ def unregister() -> None:
                 deep_pytorch.op_handler.pop(name, None)
             else:
                 deep_pytorch.op_handler[name] = previous
+        deep_pytorch.PyTorchDeep.__init__ = _saved["__init__"]
         deep_pytorch.PyTorchDeep.shap_values = _saved["shap_values"]
         deep_pytorch.PyTorchDeep.add_handles = _saved["add_handles"]
         _saved = None
