@@ -201,8 +201,18 @@ def _mixes_batch_rows(module: nn.Module) -> bool:
 
 
 def _scripted_recurrent_ops(module: torch.jit.ScriptModule) -> list[str]:
-    graph = module.inlined_graph
-    return sorted({node.kind() for op in _RECURRENT_OPS for node in graph.findAllNodes(op, True)})
+    """The recurrent aten ops in any method of a TorchScript module, submodules inlined.
+
+    Every method, not just ``forward``: a scripted nn.LSTM compiles its overloads as
+    ``forward__0`` / ``forward__1``. Uses TorchScript's (private, stable since torch 1.x)
+    method table; any failure to read it propagates, and the caller refuses the module.
+    """
+    found = set()
+    for method in module._c._method_names():
+        graph = module._c._get_method(method).graph.copy()
+        torch._C._jit_pass_inline(graph)
+        found.update(node.kind() for op in _RECURRENT_OPS for node in graph.findAllNodes(op, True))
+    return sorted(found)
 
 
 def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None:
@@ -314,6 +324,7 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
     had added to it before failing (see :class:`ModelSnapshot`).
     """
     names = {m: name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
+    _check_model(model, names)
     if not names:
         warnings.warn(
             f"deeplift_mode: {type(model).__name__} has no nn.LSTM/GRU/RNN or cell module; "
@@ -321,7 +332,6 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
             UserWarning,
             stacklevel=3,
         )
-    _check_model(model, names)
     with _explaining(model, names, {}):
         snapshot = ModelSnapshot(model)
         try:
