@@ -1,4 +1,4 @@
-"""Bad input and failures: clear errors, nothing leaked, nothing silently wrong (issue 8)."""
+"""Bad input and failures: clear errors, nothing leaked, nothing silently wrong."""
 
 from __future__ import annotations
 

@@ -356,7 +356,8 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_named_as_such():
     torch.manual_seed(0)
     model = IllConditioned().eval()
     background, X = torch.randn(8, 5, 3), torch.randn(4, 5, 3)
-    with pytest.raises(AdditivityError, match=r"float32 rounding of the model itself.*float64 forward by [\d.e-]+.*model\.double"):
+    cause = r"float32 rounding of the model itself.*float64 forward by [\d.e-]+.*model\.double"
+    with pytest.raises(AdditivityError, match=cause):
         explain(model, background, X)
     # The same model in float64 is explained exactly.
     explain(model.double(), background.double(), X.double())
@@ -380,3 +381,49 @@ def test_an_op_without_a_rule_is_named_as_such(dtype):
     assert "float32 rounding of the model itself" not in message
     if dtype == torch.float32:
         assert "Not float32 rounding" in message
+
+
+# --- one registry; what the current context explains ---------------------------------------
+
+
+def test_every_table_derives_from_the_registry():
+    from torch_handler.modules import deeplift_forward_for, rule_for
+    from torch_handler.registry import REGISTRY
+    from torch_handler.shap_integration import OP_HANDLERS
+
+    assert torch_handler.SUPPORTED_MODULES == tuple(entry.cls for entry in REGISTRY)
+    assert list(OP_HANDLERS) == [entry.cls.__name__ for entry in REGISTRY]
+    for entry in REGISTRY:
+        handler = OP_HANDLERS[entry.cls.__name__]
+        assert handler.__name__ == entry.handler and getattr(torch_handler, entry.handler) is handler
+        module = entry.cls(3, 4)
+        assert type(rule_for(module)) is type(entry.rule(module))
+        assert deeplift_forward_for(module).__name__ == f"{entry.layout}_forward"
+    relu = nn.RNN(3, 4, nonlinearity="relu")
+    assert rule_for(relu).nonlinearity == "relu"
+
+
+def test_current_explanation_names_the_model_and_its_recurrent_modules():
+    model = classifier()
+    other = nn.GRUCell(3, 2)
+    assert torch_handler.current_explanation() is None
+    with torch_handler.deeplift_mode(model):
+        outer = torch_handler.current_explanation()
+        assert outer.model is model and dict(outer.modules) == {model.lstm: "lstm"}
+        assert outer.parent is None and dict(outer.options) == {}
+        with torch_handler.deeplift_mode(other):
+            inner = torch_handler.current_explanation()
+            assert inner.model is other and inner.parent is outer
+            assert dict(inner.modules) == {model.lstm: "lstm", other: ""}
+        assert torch_handler.current_explanation() is outer
+    assert torch_handler.current_explanation() is None
+
+
+def test_a_class_level_patch_of_a_recurrent_forward_is_refused(monkeypatch):
+    def patched(self, input, hx=None):  # e.g. another library's global instrumentation
+        raise AssertionError("never called: refused before anything runs")
+
+    monkeypatch.setattr(nn.GRU, "forward", patched)
+    with pytest.raises(UnsupportedConfigurationError, match=r"nn.GRU.forward has been replaced at class level"):
+        with torch_handler.deeplift_mode(classifier()):
+            pass

@@ -1,19 +1,26 @@
 """Registering the rule in shap's DeepExplainer (PyTorch backend).
 
-``register()`` changes three things in ``shap.explainers._deep.deep_pytorch``, and
+``register()`` changes four things in ``shap.explainers._deep.deep_pytorch``, and
 ``unregister()`` puts each back exactly as it found it:
 
-1. ``op_handler[name]`` for LSTM, LSTMCell, GRU, GRUCell, RNN, RNNCell, so shap recognises
-   the modules (no "unrecognized nn.Module" warning). The handlers pass gradients through:
-   the multipliers are already DeepLIFT multipliers, computed by the autograd Function the
-   module runs while shap explains.
-2. ``PyTorchDeep.shap_values`` runs inside :func:`torch_handler.deeplift_mode` when the
+1. ``op_handler[name]`` for each class of :data:`torch_handler.registry.REGISTRY` (LSTM,
+   LSTMCell, GRU, GRUCell, RNN, RNNCell), so shap recognises the modules (no "unrecognized
+   nn.Module" warning). The handlers pass gradients through: the multipliers are already
+   DeepLIFT multipliers, computed by the autograd Function the module runs while shap explains.
+2. ``PyTorchDeep.__init__`` first checks what shap's constructor would otherwise fail on with
+   shap's or torch's own message: half-precision recurrent weights
+   (UnsupportedConfigurationError) and a background of another dtype (TypeError) or device
+   (ValueError) than the recurrent weights.
+3. ``PyTorchDeep.shap_values`` runs inside :func:`torch_handler.deeplift_mode` when the
    model has a recurrent module, and then checks additivity with a dtype-aware tolerance
-   (stricter than shap's absolute 0.01). Models without recurrent modules take shap's own
-   code path untouched, so their values are bit-identical with and without ``register()``.
-3. ``PyTorchDeep.add_handles`` attaches no shap hooks to a recurrent module that runs the
+   (stricter than shap's absolute 0.01), with a message that tells an operation without a
+   rule from float32 rounding of the model itself. Models without recurrent modules take
+   shap's own code path untouched, so their values are bit-identical with and without
+   ``register()``. The model is put back as found whether shap succeeds or raises.
+4. ``PyTorchDeep.add_handles`` attaches no shap hooks to a recurrent module that runs the
    rule: its forward hook asserts on the ``hx`` tuple, and its backward hook would only see
-   ``x`` (RULES.md §3). Every other module gets shap's hooks as before.
+   ``x`` (a module hook cannot return multipliers for the state). Every other module gets
+   shap's hooks as before.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import numpy as np
 import torch
 
 from .additivity import Diagnosis, check_additivity
-from .errors import UnsupportedConfigurationError
 from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
 from .modules import check_finite, check_supported
 from .registry import REGISTRY, SUPPORTED_MODULES
