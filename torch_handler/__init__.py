@@ -8,7 +8,10 @@ Two verbs cover the engines:
   ``cat([inputs, references])``: Captum's DeepLift / DeepLiftShap, tangermeme's
   deep_lift_shap, or shap itself.
 
-The rule for each cell type lives in :mod:`torch_handler.rules`.
+Explaining is private to the calling context (thread, asyncio task): other threads, copies
+and saved models keep torch's own forward. :func:`current_explanation` says what the current
+context explains. The rule for each cell type lives in :mod:`torch_handler.rules`; the
+supported classes are declared once, in :mod:`torch_handler.registry`.
 """
 
 from .errors import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError

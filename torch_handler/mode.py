@@ -113,7 +113,6 @@ def _make_dispatcher(cls: type[nn.Module]):
             return deeplift_forward_for(self)(self, *args, **kwargs)
         return native(self, *args, **kwargs)
 
-    forward.__torch_handler_dispatcher__ = True
     return forward
 
 
