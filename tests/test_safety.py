@@ -286,6 +286,16 @@ def test_torch_save_while_explaining_loads_as_a_native_model():
     assert_identical(grads(loaded, x), expected)
 
 
+def test_torch_jit_script_of_a_recurrent_module_works_while_another_is_explained():
+    torch.manual_seed(0)
+    cell = nn.GRUCell(3, 4).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with torch_handler.deeplift_mode(classifier()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        scripted = torch.jit.script(cell)  # compiles torch's forward, not the dispatcher
+    assert torch.equal(scripted(x), cell(x))
+
+
 # --- shap's constructor and packed batches get the documented errors ------------------------
 
 

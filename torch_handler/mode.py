@@ -104,16 +104,22 @@ _install_count = 0  # explanations active in the whole process, every thread tog
 
 
 def _make_dispatcher(cls: type[nn.Module]):
-    native = TORCH_FORWARD[cls]
+    torch_handler_native = TORCH_FORWARD[cls]
+    torch_handler_current = _current
+    torch_handler_deeplift_for = deeplift_forward_for
 
-    @functools.wraps(native)
     def forward(self, *args, **kwargs):
-        explanation = _current.get()
+        explanation = torch_handler_current.get()
         if explanation is not None and self in explanation.modules:
-            return deeplift_forward_for(self)(self, *args, **kwargs)
-        return native(self, *args, **kwargs)
+            return torch_handler_deeplift_for(self)(self, *args, **kwargs)
+        return torch_handler_native(self, *args, **kwargs)
 
-    return forward
+    # torch.jit.script, run on an nn.LSTM by anyone while an explanation is active, reads the
+    # source through __wrapped__ (torch's forward) but resolves its names in this function's
+    # globals and closure: give it torch's globals (the closure names above cannot collide).
+    forward = types.FunctionType(forward.__code__, torch_handler_native.__globals__, forward.__name__,
+                                 forward.__defaults__, forward.__closure__)
+    return functools.wraps(torch_handler_native)(forward)
 
 
 _DISPATCHERS = {entry.cls: _make_dispatcher(entry.cls) for entry in REGISTRY}
