@@ -140,8 +140,8 @@ def _check_class_forwards() -> None:
 def _install_dispatchers() -> None:
     global _install_count
     with _install_lock:
+        _check_class_forwards()  # at every entry: a patch may come while others explain
         if _install_count == 0:
-            _check_class_forwards()
             for cls, dispatcher in _DISPATCHERS.items():
                 cls.forward = dispatcher
         _install_count += 1
@@ -153,7 +153,8 @@ def _remove_dispatchers() -> None:
         _install_count -= 1
         if _install_count == 0:
             for cls, native in TORCH_FORWARD.items():
-                cls.forward = native
+                if vars(cls)["forward"] is _DISPATCHERS[cls]:  # never undo someone else's patch
+                    cls.forward = native
 
 
 @contextmanager
