@@ -135,21 +135,80 @@ def _float32_rounding(model, inputs, background, outputs, expected, scale) -> fl
     return float(worst / scale)
 
 
-def _unhandled_modules(model, op_handler) -> list[str]:
-    """Modules whose computation shap's DeepExplainer has no DeepLIFT rule for: leaves of a
-    class shap does not know, and modules with their own forward code (user-defined classes,
-    where functional calls such as torch.relu or x * y get plain gradients)."""
-    culprits = []
-    for name, module in model.named_modules():
-        label = f"{name or type(model).__name__} ({type(module).__name__})"
-        if isinstance(module, SUPPORTED_MODULES):
-            continue
-        is_leaf = not any(True for _ in module.children())
-        if is_leaf and type(module).__name__ not in op_handler:
-            culprits.append(label + ": no shap rule")
-        elif not type(module).__module__.startswith("torch.nn"):
-            culprits.append(label + ": own forward code")
-    return culprits
+# Torch functions with no DeepLIFT rule in shap when called functionally: nonlinearities, and
+# products / quotients of two tensors (linear when one side is a constant; reported when
+# neither side is a Parameter, which is the common linear case).
+_NONLINEAR_CALLS = frozenset(
+    "relu relu_ relu6 leaky_relu elu selu celu gelu silu mish softplus hardtanh hardswish hardsigmoid "
+    "sigmoid sigmoid_ tanh tanh_ softmax log_softmax softmin logsumexp glu exp exp_ log log_ log1p "
+    "sqrt rsqrt reciprocal square pow __pow__ abs clamp clip max min amax amin maximum minimum "
+    "layer_norm group_norm norm".split()
+)
+_PRODUCT_CALLS = frozenset(
+    "mul mul_ __mul__ __rmul__ div div_ __truediv__ __rtruediv__ matmul __matmul__ bmm einsum".split()
+)
+
+
+def _is_varying_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.numel() > 1
+
+
+def _functional_calls(model, inputs, op_handler) -> list[str]:
+    """``"tanh in Classifier.forward"`` (or ``"tanh in block (Block)"``) for each nonlinear
+    torch function the model calls outside any module shap has a rule for, found by one
+    forward of a deep copy under a TorchFunctionMode (the user's model gets no hook)."""
+    from torch.overrides import TorchFunctionMode
+
+    shadow = copy.deepcopy(model)
+    handled = lambda m: isinstance(m, SUPPORTED_MODULES) or (  # noqa: E731
+        not any(True for _ in m.children()) and type(m).__name__ in op_handler
+    )
+    stack: list[str] = []
+    found: dict[str, None] = {}  # ordered set
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if stack and stack[-1] is not None:
+                varying = [a for a in args if _is_varying_tensor(a)]
+                if name in _NONLINEAR_CALLS or (name in _PRODUCT_CALLS and len(varying) >= 2):
+                    found[f"{name} in {stack[-1]}"] = None
+            return func(*args, **(kwargs or {}))
+
+    def enter(label):
+        return lambda module, args: stack.append(label)
+
+    for name, module in shadow.named_modules():
+        # Inside a handled module nothing is reported (None on the stack).
+        where = f"{name} ({type(module).__name__})" if name else f"{type(module).__name__}.forward"
+        label = None if handled(module) else where
+        module.register_forward_pre_hook(enter(label))
+        module.register_forward_hook(lambda module, args, output: stack.pop())
+    with torch.no_grad(), Record():
+        shadow(*inputs)
+    return list(found)
+
+
+def _unhandled_modules(model, inputs, op_handler) -> list[str]:
+    """What in the model likely computes without a DeepLIFT rule in shap: functional
+    nonlinear calls (``_functional_calls``) and leaf modules of a class shap does not know.
+    Where the forward cannot be replayed, modules with their own forward code are named."""
+    culprits = [
+        f"{name or type(model).__name__} ({type(module).__name__}): no shap rule"
+        for name, module in model.named_modules()
+        if not isinstance(module, SUPPORTED_MODULES)
+        and not any(True for _ in module.children())
+        and type(module).__name__ not in op_handler
+    ]
+    try:
+        calls = _functional_calls(model, inputs, op_handler)
+    except Exception:  # a model that cannot be deep-copied or replayed: name what may hold calls
+        calls = [
+            f"{name or type(model).__name__} ({type(module).__name__}): own forward code"
+            for name, module in model.named_modules()
+            if not type(module).__module__.startswith("torch.nn")
+        ]
+    return [f"functional {call}" if " in " in call else call for call in calls] + culprits
 
 
 def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
@@ -176,7 +235,7 @@ def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
         rounding = None
         if dtype != torch.float64:
             rounding = _float32_rounding(explainer.model, inputs, explainer.data, outputs, expected, scale)
-        return Diagnosis(rounding, _unhandled_modules(explainer.model, deep_pytorch.op_handler))
+        return Diagnosis(rounding, _unhandled_modules(explainer.model, inputs, deep_pytorch.op_handler))
 
     check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer",
                      diagnose=diagnose)
