@@ -156,6 +156,30 @@ def test_the_additivity_check_fails_on_nan(where):
         check_additivity(sums, deltas, 1.0, np.float32, "test")
 
 
+@pytest.mark.parametrize(
+    "error, model_rounding, accepted",
+    [
+        (5e-6, None, True),  # within the float32 bar: no evidence needed
+        (5e-5, 1e-5, True),  # above the bar, but the model's own float32 forward is off by 1e-5
+        (5e-5, 1e-7, False),  # above the bar and the model rounds far less: an op without a rule
+        (5e-5, None, False),  # above the bar, rounding not measured
+        (3e-4, 1e-3, False),  # above FLOAT32_ROUNDING_CAP: raised whatever the model's rounding
+    ],
+)
+def test_float32_errors_above_the_bar_pass_only_with_the_models_rounding_measured(error, model_rounding, accepted):
+    from torch_handler.additivity import Diagnosis
+
+    sums, deltas = np.array([[1.0 + error]]), np.array([[1.0]])
+    diagnose = lambda: Diagnosis(model_rounding, [])  # noqa: E731
+    if accepted:
+        assert check_additivity(sums, deltas, 1.0, np.float32, "test", diagnose) == pytest.approx(error)
+    else:
+        with pytest.raises(AdditivityError):
+            check_additivity(sums, deltas, 1.0, np.float32, "test", diagnose)
+    with pytest.raises(AdditivityError, match="tolerance 1e-10 for float64"):
+        check_additivity(np.array([[1.0 + 1e-9]]), deltas, 1.0, np.float64, "test", diagnose)
+
+
 # --- the model is explained as it is, or refused -------------------------------------------
 
 

@@ -10,11 +10,14 @@ larger error has one of two causes, which need different fixes:
   differs from its float64 forward by about as much (cancellation between large terms), so
   no float32 attribution can do better. Explaining in float64 fixes it.
 
-Tolerances (relative to the output scale max(|f(x)|, |E f|)): 1e-9 in float64, 1e-4 in
-float32. The rule's own float32 rounding stays below ~1e-6 on well-conditioned models (the
-"exact" bar is 1e-5), but fuzzing random models found their *own* float32 forward off by up to
-7.5e-5 through cancellation inside the model: a 1e-5 check would reject correct explanations of
-ordinary models. An operation without a rule misses by orders of magnitude more than 1e-4.
+Tolerances (relative to the output scale max(|f(x)|, |E f|)) are the project's bar for
+"exact": 1e-10 in float64 and 1e-5 in float32. The rule's own rounding stays orders of magnitude
+below them; an operation without a rule misses by far more. One exception needs evidence: a
+float32 model that cancels large terms inside itself can have its *own* float32 forward off by
+more than 1e-5 (fuzzing random models found up to 7.5e-5), and no float32 attribution can beat
+its forward. Such a result is accepted only when the check measures it: the model's float32
+forward differs from its float64 forward by at least a tenth of the additivity error, and the
+error stays below ``FLOAT32_ROUNDING_CAP``. Everything else raises, with the cause diagnosed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ import numpy as np
 
 from .errors import AdditivityError
 
-TOLERANCE = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4}
+TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+
+# The largest float32 error ever accepted, and only with the model's own rounding measured to
+# account for it (see the module docstring).
+FLOAT32_ROUNDING_CAP = 1e-4
 
 # An additivity error within this factor of the model's own float32-vs-float64 difference is
 # attributed to rounding: the attribution adds a few roundings of its own on top of the
@@ -46,8 +53,16 @@ class Diagnosis(NamedTuple):
     unhandled: list[str]
 
 
+def _as_numpy(dtype) -> np.dtype:
+    """numpy dtype of a numpy/torch dtype or a dtype name ("float32", "torch.float32")."""
+    if isinstance(dtype, str) or type(dtype).__module__ == "torch":
+        return np.dtype(str(dtype).removeprefix("torch."))
+    return np.dtype(dtype)
+
+
 def tolerance_for(dtype) -> float:
-    return TOLERANCE.get(np.dtype(dtype), 1e-4)
+    """The additivity tolerance of ``dtype`` (a numpy or torch dtype, or its name)."""
+    return TOLERANCE[_as_numpy(dtype)]
 
 
 def relative_errors(attribution_sums, output_deltas, scale) -> np.ndarray:
@@ -109,7 +124,8 @@ def check_additivity(attribution_sums, output_deltas, scale, dtype, engine: str,
 
     attribution_sums, output_deltas: arrays of the same shape (samples, outputs); scale: the
     output scale the errors are relative to; diagnose: called only on failure, to tell the
-    causes apart in the message. Returns the largest relative error.
+    causes apart in the message (and, in float32, to accept an error the model's own measured
+    rounding accounts for, up to FLOAT32_ROUNDING_CAP). Returns the largest relative error.
     """
     errors = relative_errors(attribution_sums, output_deltas, scale)
     finite = bool(np.isfinite(errors).all()) and np.isfinite(scale)
@@ -119,5 +135,7 @@ def check_additivity(attribution_sums, output_deltas, scale, dtype, engine: str,
     if worst > tolerance:
         per_sample = errors.reshape(errors.shape[0], -1).max(axis=1) if errors.ndim else errors
         diagnosis = diagnose() if diagnose is not None and np.isfinite(worst) else None
+        if _as_numpy(dtype) == np.float32 and worst <= FLOAT32_ROUNDING_CAP and _is_rounding(worst, diagnosis):
+            return worst  # the model's own float32 rounding, measured: nothing to blame the rule for
         raise AdditivityError(failure_message(engine, per_sample, worst, tolerance, dtype, diagnosis))
     return worst
