@@ -1,6 +1,9 @@
 """A real model explained: an LSTM forecaster of US inflation, attributed with DeepSHAP.
 
-    python examples/demo.py --out out            # or: lstm-deepshap demo --out out
+    lstm-deepshap demo --out out      # or: python -m torch_handler.demo, python examples/demo.py
+
+Needs the ``[demo]`` extra (shap, statsmodels, matplotlib, tqdm): ``make demo`` in a checkout, or
+``pip install 'lstm-deepshap[demo]'``.
 
 Data: ``statsmodels``' shipped ``macrodata`` (US quarterly macro series, 1959Q1-2009Q3;
 nothing is downloaded). From a window of the last ``WINDOW`` quarters of six standardized
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_handler.cli import resolve_device
+from .cli import resolve_device
 
 WINDOW = 8  # quarters of history the model sees
 TRAIN_FRACTION = 0.75
@@ -226,9 +229,9 @@ def _explain(model, data, samples, background, seed, device, progress):
     import shap
     from tqdm.auto import tqdm
 
-    import torch_handler
+    from . import register
 
-    torch_handler.register()
+    register()
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(data.x_train), size=min(background, len(data.x_train)), replace=False)
     bg = torch.tensor(data.x_train[np.sort(rows)], dtype=torch.float32, device=device)
