@@ -1,15 +1,18 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Each builds .venv on first use (torch pinned to the CPU wheel by constraints.txt).
+# Each builds .venv on first use with the default set of constraints.txt (Python 3.11, torch
+# pinned to the CPU wheel). CI (.ci/run) reuses these targets with VENV, PYTHON and CONSTRAINTS
+# set for the other tested sets (docs/versions.md).
 PYTHON ?= python3
 VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 OUT ?= out
 
 .PHONY: demo test crosscheck bench lint clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test,demo]"
+	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) --editable ".[test,demo]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -22,7 +25,7 @@ crosscheck: $(VENV)/.installed
 	$(PY) -m pytest crosscheck
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/lstm-deepshap bench --out $(OUT)
+	$(PY) benchmarks/run_all.py --out $(OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

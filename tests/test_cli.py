@@ -68,25 +68,53 @@ def test_cuda_requested_without_gpu_is_a_clear_error(capsys, monkeypatch):
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
-def test_missing_script_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setitem(cli.SCRIPTS, "demo", tmp_path / "examples" / "demo.py")
-    with pytest.raises(SystemExit, match="editable"):
-        cli.main(["demo", "--quick"])
+def test_demo_without_its_extra_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "statsmodels", None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli.main(["demo", "--quick"]) == 2
+    assert "the demo needs statsmodels, tqdm: pip install 'lstm-deepshap[demo]'" in capsys.readouterr().err
 
 
 def test_cli_forwards_options(monkeypatch):
+    from torch_handler import demo
+
     seen = {}
 
-    class Fake:
-        @staticmethod
-        def main(argv):
-            seen["argv"] = argv
-            return 0
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 0
 
-    monkeypatch.setattr(cli, "_load", lambda path: Fake)
-    assert cli.main(["bench", "--out", "o", "--samples", "3", "--quick", "--threads", "1"]) == 0
+    monkeypatch.setattr(demo, "main", fake_main)
+    assert cli.main(["demo", "--out", "o", "--samples", "3", "--quick", "--epochs", "5",
+                     "--no-progress"]) == 0
     assert seen["argv"] == ["--out", "o", "--device", "cpu", "--seed", "0", "--samples", "3",
-                            "--threads", "1", "--quick"]
+                            "--epochs", "5", "--quick", "--no-progress"]
+
+
+def test_benchmarks_are_not_a_subcommand(capsys):
+    """The benchmarks are repository scripts (make bench), not part of the installed package."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    assert "benchmarks/run_all.py" in cli.build_parser().format_help()
+
+
+def test_demo_ships_inside_the_package():
+    """Nothing the command runs is loaded by path from a checkout."""
+    import torch_handler.demo
+
+    assert Path(torch_handler.demo.__file__).parent == Path(cli.__file__).parent
+    source = Path(cli.__file__).read_text() + Path(torch_handler.demo.__file__).read_text()
+    assert "spec_from_file_location" not in source and "__file__" not in source
+
+
+def test_example_script_is_the_packaged_demo():
+    example = _script("examples/demo.py")
+    import torch_handler.demo
+
+    assert example.main is torch_handler.demo.main
+    assert example.make_dataset is torch_handler.demo.make_dataset
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import numpy as np
@@ -121,21 +120,6 @@ def test_module_overriding_forward_is_outside_the_support_table():
     with pytest.raises(UnsupportedConfigurationError, match="overrides forward"):
         with torch_handler.deeplift_mode(nn.Sequential(Peephole(3, 2))):
             pass
-
-
-def test_register_without_shap(monkeypatch):
-    monkeypatch.setitem(sys.modules, "shap", None)
-    with pytest.raises(ImportError, match=r"lstm-deepshap\[shap\].*shap>=0.46,<0.52"):
-        torch_handler.register()
-    assert not torch_handler.is_registered()
-
-
-@pytest.mark.parametrize("version", ["0.45.1", "0.52.0"])
-def test_register_with_an_untested_shap_version(monkeypatch, version):
-    monkeypatch.setattr(shap, "__version__", version)
-    with pytest.raises(RuntimeError, match=rf"shap>=0.46,<0.52, found shap {version}"):
-        torch_handler.register()
-    assert not torch_handler.is_registered()
 
 
 def test_deeplift_mode_warns_on_a_model_without_recurrent_layers():

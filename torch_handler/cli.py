@@ -1,11 +1,12 @@
-"""``lstm-deepshap``: the demo and the benchmarks from the command line.
+"""``lstm-deepshap``: the demo from the command line.
 
-    lstm-deepshap demo  [--out out] [--samples N] [--device cpu|cuda] [--seed S] [--quick]
-    lstm-deepshap bench [--out out] [--samples N] [--device cpu|cuda] [--seed S] [--quick]
+    lstm-deepshap demo [--out out] [--samples N] [--device cpu|cuda] [--seed S] [--epochs E]
+                       [--quick] [--no-progress]
 
-The code lives in ``examples/demo.py`` and ``benchmarks/run_all.py`` of the repository, which
-are scripts rather than installed modules: this command finds them next to the package, as in
-an editable install (``pip install -e '.[demo]'``), and runs their ``main``.
+The demo is :mod:`torch_handler.demo`, part of the installed package, so the command works
+from a wheel; it needs the ``[demo]`` extra. The benchmarks are scripts of the repository, not
+of the package: run them from a checkout with ``make bench`` or
+``python benchmarks/run_all.py --out out``.
 """
 
 from __future__ import annotations
@@ -13,30 +14,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"demo": REPO / "examples" / "demo.py", "bench": REPO / "benchmarks" / "run_all.py"}
-
-
-def _load(path: Path):
-    if not path.is_file():
-        raise SystemExit(
-            f"error: {path} not found. The demo and benchmarks are scripts in the repository, "
-            "not part of the installed package: clone lstm-deepshap and install it editable "
-            "(pip install -e '.[demo]'), or run the script with python directly."
-        )
-    spec = importlib.util.spec_from_file_location(f"lstm_deepshap_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+DEMO_PACKAGES = ("shap", "statsmodels", "matplotlib", "tqdm")
+"""Imported by the demo and not by the handler: the ``[demo]`` extra."""
 
 
 def resolve_device(name: str):
     """``torch.device(name)``, or exit with a clear message when CUDA is asked for and absent.
 
-    Shared by this command, ``examples/demo.py`` and the benchmarks.
+    Shared by this command, :mod:`torch_handler.demo` and the benchmarks.
     """
     import torch
 
@@ -51,45 +37,66 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def missing_demo_packages() -> list[str]:
+    """The packages of the ``[demo]`` extra that cannot be imported here."""
+    missing = []
+    for name in DEMO_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-deepshap",
-        description="Exact DeepLIFT / DeepSHAP for PyTorch recurrent layers: demo and benchmarks.",
+        description="Exact DeepLIFT / DeepSHAP for PyTorch recurrent layers: the demo.",
+        epilog="Benchmarks: from a checkout, make bench or python benchmarks/run_all.py.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train an LSTM forecaster on macrodata, explain it "
                                "with shap.DeepExplainer, print the additivity table, write PNGs")
-    bench = commands.add_parser("bench", help="exactness, overhead, engine comparison and Shapley-gap "
-                                "benchmarks; tables printed, JSON written to --out")
-    for sub in (demo, bench):
-        sub.add_argument("--out", default="out", help="output folder (default: out)")
-        sub.add_argument("--samples", type=int, help="samples to explain (default: the script's)")
-        sub.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    demo.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
+    demo.add_argument("--out", default="out", help="output folder (default: out)")
+    demo.add_argument("--samples", type=int, help="held-out predictions to explain (default: 24)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, help="training epochs (default: 200)")
+    demo.add_argument("--quick", action="store_true", help="smoke-test sizes")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    bench.add_argument("--threads", type=int, help="torch.set_num_threads for the benchmarks")
-    bench.add_argument("--only", help="comma-separated subset of exactness,overhead,engines,shapley_gap")
     return parser
+
+
+def demo_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of :func:`torch_handler.demo.main` for the parsed ``args``."""
+    argv = ["--out", args.out, "--device", args.device, "--seed", str(args.seed)]
+    for flag in ("samples", "epochs"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    for flag in ("quick", "no_progress"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_demo_packages()
+    if missing:
+        print(f"lstm-deepshap: the demo needs {', '.join(missing)}: "
+              "pip install 'lstm-deepshap[demo]'", file=sys.stderr)
+        return 2
     try:
         resolve_device(args.device)
     except SystemExit as error:
         print(f"lstm-deepshap: {error}", file=sys.stderr)
         return 2
-    forwarded = ["--out", args.out, "--device", args.device, "--seed", str(args.seed)]
-    for flag in ("samples", "epochs", "threads", "only"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            forwarded += [f"--{flag}", str(value)]
-    for flag in ("quick", "no_progress"):
-        if getattr(args, flag, False):
-            forwarded.append("--" + flag.replace("_", "-"))
-    return int(_load(SCRIPTS[args.command]).main(forwarded) or 0)
+    from . import demo
+
+    return int(demo.main(demo_argv(args)) or 0)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ from .additivity import Diagnosis, check_additivity
 from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
 from .modules import check_finite, check_supported
 from .registry import REGISTRY, SUPPORTED_MODULES
+from .versions import TESTED, shap_deep_pytorch
 
-SUPPORTED_SHAP = (">=0.46", "<0.52")
+SUPPORTED_SHAP = TESTED["shap"].specifier
 _MISSING = object()
 _lock = threading.RLock()
 _saved: dict | None = None
@@ -93,25 +94,8 @@ rnn_handler = _BY_NAME["rnn_handler"]
 
 
 def _deep_pytorch():
-    try:
-        import shap
-    except ImportError as error:
-        raise ImportError(
-            "torch_handler.register() needs shap: pip install 'lstm-deepshap[shap]' "
-            f"(tested range shap{','.join(SUPPORTED_SHAP)})."
-        ) from error
-    from packaging.version import Version
-
-    version = Version(shap.__version__)
-    if not (Version("0.46") <= version < Version("0.52")):
-        raise RuntimeError(
-            f"torch_handler.register() supports shap{','.join(SUPPORTED_SHAP)}, found "
-            f"shap {shap.__version__}; install a version in that range "
-            "(pip install 'shap>=0.46,<0.52')."
-        )
-    from shap.explainers._deep import deep_pytorch
-
-    return deep_pytorch
+    """shap's PyTorch backend after the version policy of :mod:`torch_handler.versions`."""
+    return shap_deep_pytorch()
 
 
 def _model_inputs(explainer, X) -> list[torch.Tensor]:
@@ -346,8 +330,10 @@ def _make_add_handles(original):
 def register() -> None:
     """Make ``shap.DeepExplainer`` exact for PyTorch models with recurrent layers.
 
-    Idempotent and thread-safe. Raises ImportError without shap and RuntimeError for a shap
-    version outside the tested range. Undo with :func:`unregister`.
+    Idempotent and thread-safe. Raises ImportError without shap and
+    :class:`~torch_handler.versions.UnsupportedVersionError` (a RuntimeError) for a shap older
+    than tested or without the internals it patches; warns for a newer one
+    (:mod:`torch_handler.versions`). Undo with :func:`unregister`.
     """
     global _saved
     with _lock:
