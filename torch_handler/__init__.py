@@ -28,6 +28,7 @@ from .shap_integration import (
     rnn_handler,
     unregister,
 )
+from .versions import UnsupportedVersionError, UntestedVersionWarning
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,8 @@ __all__ = [
     "REGISTRY",
     "SUPPORTED_MODULES",
     "UnsupportedConfigurationError",
+    "UnsupportedVersionError",
+    "UntestedVersionWarning",
     "current_explanation",
     "deeplift_mode",
     "gru_cell_handler",
