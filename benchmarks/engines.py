@@ -2,7 +2,7 @@
 
     python benchmarks/engines.py --out out [--samples 8] [--quick] [--device cuda]
 
-The model is the demo's forecaster (``examples/demo.py``: nn.LSTM + nn.Linear on macrodata,
+The model is the demo's forecaster (``torch_handler/demo.py``: nn.LSTM + nn.Linear on macrodata,
 trained here with the demo's code and seed); the same held-out windows are explained by every
 engine against the same background of training windows:
 
@@ -21,7 +21,6 @@ the maximum of the denominator taken over the explained samples.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 import warnings
@@ -38,15 +37,10 @@ ADDITIVITY = ("additivity error = max_j |sum(phi_j) - (f(x_j) - E f(bg))| / "
 
 
 def load_demo():
-    """``examples/demo.py`` as a module (it is not an installed package)."""
-    path = common.REPO / "examples" / "demo.py"
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run from a checkout of lstm-deepshap.")
-    spec = importlib.util.spec_from_file_location("lstm_deepshap_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The demo module, :mod:`torch_handler.demo` (data, model and training of the README's demo)."""
+    import torch_handler.demo
+
+    return torch_handler.demo
 
 
 def demo_problem(samples: int, background: int, seed: int, epochs: int, device: torch.device):

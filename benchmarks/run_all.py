@@ -1,4 +1,4 @@
-"""All the benchmarks, one after the other (what ``lstm-deepshap bench`` runs).
+"""All the benchmarks, one after the other (what ``make bench`` runs).
 
     python benchmarks/run_all.py --out out [--quick] [--threads 1] [--only engines]
 

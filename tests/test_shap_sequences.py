@@ -1,5 +1,4 @@
-"""nn.LSTM, nn.GRU and nn.RNN in every configuration, through the real shap.DeepExplainer
-(issues 4 and 6)."""
+"""nn.LSTM, nn.GRU and nn.RNN in every configuration, through the real shap.DeepExplainer."""
 
 from __future__ import annotations
 
