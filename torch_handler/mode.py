@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from . import interception
 from .errors import UnsupportedConfigurationError
 from .modules import SUPPORTED_MODULES, check_supported, deeplift_forward_for
 
@@ -91,7 +92,7 @@ def _check_model(model: nn.Module, modules: list[nn.Module]) -> None:
 
 
 @contextmanager
-def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
+def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]:
     """Make every recurrent module of ``model`` apply the exact DeepLIFT rule.
 
     For any engine that runs the doubled batch ``cat([inputs, references])`` (shap's
@@ -108,6 +109,12 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     If the body raises, the model also loses whatever hooks, attributes and flags the engine
     had added to it before failing (see :class:`ModelSnapshot`).
+
+    Around the recurrent modules, the ops of the model's own forward (functional calls,
+    nn.MultiheadAttention, norms, gates) run exact rules too
+    (:mod:`torch_handler.interception`); an op without a rule on input-dependent tensors is
+    named in an ``UnsupportedOpWarning``, or raises ``UnsupportedOpError`` with
+    ``strict=True``. A model without recurrent modules is left to the engine's own rules.
     """
     modules = recurrent_modules(model)
     if not modules:
@@ -134,7 +141,10 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
                 entered.append(module)
         # Taken after the forwards are swapped, so restoring leaves those to `finally`.
         snapshot = ModelSnapshot(model)
-        yield model
+        # --- interception of the ops around the recurrent modules (torch_handler.interception)
+        with interception.intercepting(model, modules, strict=strict):
+            yield model
+        # --- end interception
     except BaseException:
         if snapshot is not None:
             snapshot.restore()
