@@ -235,6 +235,8 @@ def _post_hook(module, args, output):
     else:
         ex.mode.paused -= 1
         what, call_args = kind
+        if output is None:  # the forward raised (always_call): nothing to follow
+            return None
         if what == "recurrent":
             _mark_recurrent_outputs(ex.mode, module, call_args, output)
         else:
@@ -308,7 +310,13 @@ def _first_tensor(args):
 def _mark_recurrent_outputs(mode: InterceptMode, module, args, output) -> None:
     x = args[0] if args else None
     if isinstance(module, nn.RNNBase):
-        if not isinstance(x, Tensor):  # PackedSequence: its data is not followed
+        if not isinstance(x, Tensor):  # PackedSequence: followed up to pad_packed_sequence
+            packed, state = output
+            order = packed.unsorted_indices
+            mode.packed_outputs[packed.data] = _IN_ORDER if order is None else order
+            # The final states come back in the original row order (torch and the rule alike).
+            for s in state if isinstance(state, tuple) else (state,):
+                mode.mark(s, Axis(1, s.shape[1]))
             return
         batch_dim = 0 if module.batch_first else 1
         size = x.shape[batch_dim]
@@ -350,7 +358,8 @@ def _mark_engine_output(mode: InterceptMode, module, args, output) -> None:
 # ---------------------------------------------------------------------------------------------
 # The mode.
 
-UNKNOWN = Axis(-1, 0, 0)  # varies with the input, but where its batch is could not be followed
+UNKNOWN = Axis(-1, 0, 0)
+_IN_ORDER = object()  # a packed recurrent output whose rows were never sorted  # varies with the input, but where its batch is could not be followed
 
 # Calls that never produce an input-dependent float tensor.
 _PASS = frozenset(
@@ -385,6 +394,8 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     self.seeds[t] = True
         self._reaches: dict = {}
         self.by_node: dict = {}
+        self.packed_outputs = WeakTensorKeyDictionary()  # recurrent PackedSequence.data -> order
+        self.sorted_rows = WeakTensorKeyDictionary()  # padded in sorted order -> (dim, unsorted)
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -424,25 +435,25 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
 
     def _reaches_input(self, node) -> bool:
         """Whether an autograd node's graph reaches a leaf that is not a Parameter."""
-        stack, seen = [node], set()
-        while stack:
+        known = self._reaches.get(id(node))
+        if known is not None:
+            return known[1]
+        stack, seen, found = [node], set(), False
+        while stack and not found:
             n = stack.pop()
             if n is None or id(n) in seen:
                 continue
             seen.add(id(n))
-            known = self._reaches.get(n)
-            if known is not None:
-                if known:
-                    self._reaches[node] = True
-                    return True
+            cached = self._reaches.get(id(n))
+            if cached is not None:
+                found = cached[1]
                 continue
             variable = getattr(n, "variable", None)
             if variable is not None and not isinstance(variable, nn.Parameter):
-                self._reaches[node] = True
-                return True
+                found = True
             stack.extend(next_node for next_node, _ in n.next_functions)
-        self._reaches[node] = False
-        return False
+        self._reaches[id(node)] = (node, found)  # the node is kept so that its id stays unique
+        return found
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -966,6 +977,11 @@ def _linear_fn(mode, func, name, args, kwargs):
 # Linear ops: native autograd, batch place followed.
 
 
+def _linear_elementwise_op(mode, func, name, args, kwargs):
+    """add, sub, neg, ...: linear; the output's batch place follows broadcasting."""
+    return _linear_elementwise(mode, func, args, kwargs)
+
+
 def _linear_elementwise(mode, func, args, kwargs):
     out = func(*args, **kwargs)
     tensors = [t for t in _tensors(args, kwargs) if mode.axis_of(t) is not None]
@@ -1178,6 +1194,106 @@ def _halves_equal(mode, t: Tensor, name: str) -> bool:
     return bool(torch.equal(pairs[0], pairs[1]))
 
 
+def _batch_first_linear(mode, func, name, args, kwargs):
+    """conv / avg-pool / eval-mode batch_norm: linear, batch dim 0 in and out."""
+    if name == "batch_norm" and _arg(args, kwargs, 5, "training", False):
+        return mode._unknown(func, name, args, kwargs)  # batch statistics mix the pairs
+    out = func(*args, **kwargs)
+    x = args[0]
+    axis = mode.axis_of(x)
+    ok = axis is not UNKNOWN and axis.dim == 0 and ba.is_plain(tuple(x.shape), axis) and out.shape[0] == x.shape[0]
+    mode.mark(out, axis if ok else UNKNOWN)
+    return out
+
+
+def _pad(mode, func, name, args, kwargs):
+    """F.pad in any mode copies or fills values within the padded (trailing) dims: linear."""
+    return _same_trailing(mode, func, args, kwargs, len(_arg(args, kwargs, 1, "pad")) // 2)
+
+
+def _same_trailing(mode, func, args, kwargs, trailing: int):
+    """An op that changes only the last ``trailing`` dims: the batch must lie before them."""
+    out = func(*args, **kwargs)
+    x = args[0]
+    axis = mode.axis_of(x)
+    if axis is not UNKNOWN and axis.dim >= x.dim() - trailing:
+        axis = UNKNOWN
+    mode.mark(out, axis)
+    return out
+
+
+def _index_select(mode, func, name, args, kwargs):
+    """index_select / gather / take_along_dim along a dim other than the batch: linear, rows kept.
+
+    Along the batch dim only one case is followed: ``pad_packed_sequence`` putting its sorted
+    rows back in the original order (the index is the packed sequence's ``unsorted_indices``).
+    """
+    out = func(*args, **kwargs)
+    x, dim = args[0], _arg(args, kwargs, 1, "dim")
+    index = _arg(args, kwargs, 2, "index", None if name != "take_along_dim" else args[1])
+    if name == "take_along_dim":
+        dim, index = _arg(args, kwargs, 2, "dim"), args[1]
+    sorted_rows = mode.sorted_rows.get(x)
+    if sorted_rows is not None and name == "index_select":
+        batch_dim, unsorted = sorted_rows
+        if dim % x.dim() == batch_dim and torch.equal(index.cpu(), unsorted.cpu()):
+            mode.mark(out, Axis(batch_dim, x.shape[batch_dim]))
+            return out
+    axis = mode.axis_of(x)
+    if axis is not UNKNOWN and axis is not None:
+        same = dim is not None and dim % x.dim() != axis.dim and out.dim() == x.dim()
+        same = same and out.shape[axis.dim] == x.shape[axis.dim]
+        axis = axis if same else UNKNOWN
+    mode.mark(out, axis)
+    return out
+
+
+def _pack_padded(mode, func, name, args, kwargs):
+    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it."""
+    out = func(*args, **kwargs)
+    for o in _flat(out):
+        mode.mark(o, UNKNOWN if isinstance(o, Tensor) and o.is_floating_point() else None)
+    return out
+
+
+def _pad_packed(mode, func, name, args, kwargs):
+    """``_pad_packed_sequence(data, batch_sizes, batch_first, ...)`` of a recurrent output."""
+    out = func(*args, **kwargs)
+    padded = out[0]
+    source = mode.packed_outputs.get(args[0])
+    batch_dim = 0 if _arg(args, kwargs, 2, "batch_first") else 1
+    if source is None:
+        mode.mark(padded, UNKNOWN)
+    elif source is _IN_ORDER:
+        mode.mark(padded, Axis(batch_dim, padded.shape[batch_dim]))
+    else:
+        mode.sorted_rows[padded] = (batch_dim, source)
+        mode.mark(padded, UNKNOWN)
+    return out
+
+
+def _along_dim(mode, func, name, args, kwargs):
+    """Linear ops acting along one dim (cumsum, flip, roll, diff, tril, triu): the batch is kept
+    unless that dim is the batch."""
+    out = func(*args, **kwargs)
+    x, axis = args[0], mode.axis_of(args[0])
+    if axis is not UNKNOWN:
+        if name in ("tril", "triu"):
+            dims = [x.dim() - 2, x.dim() - 1]
+        elif name == "flip":
+            dims = args[1:] if len(args) > 1 and isinstance(args[1], int) else _arg(args, kwargs, 1, "dims")
+            dims = list(dims)
+        elif name == "roll":
+            dims = _arg(args, kwargs, 2, "dims")
+            dims = [None] if dims is None else list(dims) if isinstance(dims, (tuple, list)) else [dims]
+        else:
+            dims = [_arg(args, kwargs, 1, "dim", -1)]
+        if any(d is None or d % x.dim() == axis.dim for d in dims) or out.shape != x.shape and name != "diff":
+            axis = UNKNOWN
+    mode.mark(out, axis)
+    return out
+
+
 def _embedding(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     ids = args[0]
@@ -1233,21 +1349,21 @@ _HANDLERS.update(
         "scaled_dot_product_attention": _sdpa,
         "linear": _linear_fn,
         # linear plumbing
-        "add": _linear_elementwise,
-        "__add__": _linear_elementwise,
-        "__radd__": _linear_elementwise,
-        "__iadd__": _linear_elementwise,
-        "sub": _linear_elementwise,
-        "subtract": _linear_elementwise,
-        "__sub__": _linear_elementwise,
-        "__rsub__": _linear_elementwise,
-        "rsub": _linear_elementwise,
-        "neg": _linear_elementwise,
-        "__neg__": _linear_elementwise,
-        "negative": _linear_elementwise,
-        "__pos__": _linear_elementwise,
-        "lerp": _linear_elementwise,
-        "addcmul": _linear_elementwise,
+        "add": _linear_elementwise_op,
+        "__add__": _linear_elementwise_op,
+        "__radd__": _linear_elementwise_op,
+        "__iadd__": _linear_elementwise_op,
+        "sub": _linear_elementwise_op,
+        "subtract": _linear_elementwise_op,
+        "__sub__": _linear_elementwise_op,
+        "__rsub__": _linear_elementwise_op,
+        "rsub": _linear_elementwise_op,
+        "neg": _linear_elementwise_op,
+        "__neg__": _linear_elementwise_op,
+        "negative": _linear_elementwise_op,
+        "__pos__": _linear_elementwise_op,
+        "lerp": _linear_elementwise_op,
+        "addcmul": _linear_elementwise_op,
         "masked_fill": _where,
         "where": _where,
         "reshape": _reshape_like,
@@ -1301,5 +1417,20 @@ _HANDLERS.update(
         "dropout1d": _same,
         "dropout2d": _same,
         "embedding": _embedding,
+        "pad": _pad,
+        "index_select": _index_select,
+        "gather": _index_select,
+        "take_along_dim": _index_select,
+        "_pack_padded_sequence": _pack_padded,
+        "_pad_packed_sequence": _pad_packed,
+        **{n: _along_dim for n in ("cumsum", "flip", "roll", "diff", "tril", "triu")},
+        **{
+            n: _batch_first_linear
+            for n in (
+                "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d avg_pool1d "
+                "avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
+                "batch_norm"
+            ).split()
+        },
     }
 )
