@@ -104,7 +104,8 @@ def pair_dim(k: int, shape, axis: Axis) -> int:
             "doubled batch (inputs and references): it would mix rows of different pairs. "
             "Reduce over the other dims."
         )
-    return k - ndim if k > axis.dim else k - ndim - (ba.outer_of(shape, axis) != 1) - (axis.inner != 1)
+    kept = (ba.outer_of(shape, axis) != 1) + (axis.inner != 1)  # batch factors left in place
+    return k - ndim if k > axis.dim else k - (ndim - 1 + kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,13 +368,17 @@ _PASS = frozenset(
     element_size is_contiguous storage_offset get_device __format__ __repr__ __bool__ __index__
     __int__ __float__ tolist item __hash__ nelement ndimension has_names _is_view __iter__
     __contains__ requires_grad_ register_hook retain_grad backward _version _set_grad_enabled
-    is_grad_enabled equal allclose isclose any all argmax argmin argsort nonzero isnan isinf
-    isfinite sign signbit floor ceil round trunc detach detach_ new_zeros new_ones new_empty
-    new_full zeros_like ones_like empty_like full_like rand_like randn_like new_tensor
-    __eq__ __ne__ __lt__ __le__ __gt__ __ge__ eq ne lt le gt ge logical_not logical_and
-    logical_or __and__ __or__ __invert__ __xor__ bitwise_not bitwise_and bitwise_or
-    __setstate__ __reduce_ex__ __deepcopy__ __array__ cpu cuda numpy __dlpack__ untyped_storage
-    _make_subclass""".split()
+    is_grad_enabled equal allclose isclose isnan isinf isfinite detach detach_ new_zeros
+    new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like
+    new_tensor __setstate__ __reduce_ex__ __deepcopy__ __array__ cpu cuda numpy __dlpack__
+    untyped_storage _make_subclass""".split()
+)
+# Comparisons and logic: no gradient, but their results (masks) are followed so that a
+# ``where`` / ``masked_fill`` can tell whether its condition differs within a pair.
+_MASKS = frozenset(
+    """__eq__ __ne__ __lt__ __le__ __gt__ __ge__ eq ne lt le gt ge greater less greater_equal
+    less_equal logical_not logical_and logical_or logical_xor __and__ __or__ __invert__
+    __xor__ __rand__ __ror__ bitwise_not bitwise_and bitwise_or""".split()
 )
 
 _STEP_INTO = frozenset({"multi_head_attention_forward", "normalize"})
@@ -1364,6 +1369,7 @@ _HANDLERS.update(
         "__pos__": _linear_elementwise_op,
         "lerp": _linear_elementwise_op,
         "addcmul": _linear_elementwise_op,
+        **{n: _linear_elementwise_op for n in _MASKS},
         "masked_fill": _where,
         "where": _where,
         "reshape": _reshape_like,

@@ -1,0 +1,376 @@
+"""The interception machinery: batch tracking, engine hooks kept off, threads, warnings.
+
+The per-head end-to-end exactness tests live in test_whole_models.py; these check the
+mechanism itself. Errors are relative to the largest |output| (inputs and references).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import shap
+import torch
+import torch.nn.functional as F
+from captum.attr import DeepLift
+from torch import nn
+
+import torch_handler
+from torch_handler import batch_axis as ba
+from torch_handler import interception
+from torch_handler.batch_axis import Axis
+from torch_handler.errors import DoubledBatchError
+from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning, from_pairs, to_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+BAR = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def captum_error(model, x, r, target=0):
+    """Captum DeepLift in deeplift_mode: (attributions, additivity error / output scale)."""
+    with torch_handler.deeplift_mode(model):
+        attributions = DeepLift(model).attribute(x, baselines=r, target=target).detach()
+    with torch.no_grad():
+        fx, fr = model(x), model(r)
+    delta = fx[:, target] - fr[:, target]
+    scale = max(fx.abs().max(), fr.abs().max())
+    sums = attributions.reshape(len(x), -1).sum(1)
+    return attributions, float((sums - delta).abs().max() / scale)
+
+
+def graph_names(output) -> set[str]:
+    """Names of every autograd node behind ``output``."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+# --- batch_axis: pure bookkeeping ------------------------------------------------------------
+
+
+def test_reshape_follows_merged_heads_and_time_major_merges():
+    B, H, L, d = 4, 2, 5, 3
+    # (B, H, L, d) -> (B*H, L, d): the batch is the outer factor, heads inside it.
+    merged = ba.after_reshape((B, H, L, d), Axis(0, B), (B * H, L, d))
+    assert merged == Axis(0, B, H)
+    assert ba.after_reshape((B * H, L, d), merged, (B, H, L, d)) == Axis(0, B, 1)
+    # Time-major (L, B, E) -> (L, B*H, d) (nn.MultiheadAttention) and (L*B, E): batch inside L.
+    assert ba.after_reshape((L, B, H * d), Axis(1, B), (L, B * H, d)) == Axis(1, B, H)
+    inner_time = ba.after_reshape((L, B, H * d), Axis(1, B), (L * B, H * d))
+    assert inner_time == Axis(0, B, 1) and ba.outer_of((L * B, H * d), inner_time) == L
+    # Splitting the batch itself loses it.
+    assert ba.after_reshape((L, B, d), Axis(1, B), (L, 2, B // 2 * d)) is None
+
+
+def test_batch_equal_to_time_is_told_apart_by_layout_not_size():
+    n = 4  # batch == time steps
+    batch_major = ba.after_reshape((n, n, 3), Axis(0, n), (n * n, 3))
+    time_major = ba.after_reshape((n, n, 3), Axis(1, n), (n * n, 3))
+    assert batch_major == Axis(0, n, n)  # row b*T + t
+    assert time_major == Axis(0, n, 1)  # row t*B + b
+    assert ba.after_permute(Axis(1, n), (1, 0, 2)) == Axis(0, n)
+    assert ba.after_transpose(Axis(0, n), 0, 1, 3) == Axis(1, n)
+
+
+def test_indexing_and_reductions():
+    shape = (6, 4, 5)  # (T, B, H), batch at dim 1
+    axis = Axis(1, 4)
+    assert ba.after_getitem(shape, axis, (-1,)) == Axis(0, 4)  # last step
+    assert ba.after_getitem(shape, axis, (slice(None), slice(None), 0)) == Axis(1, 4)
+    assert ba.after_getitem(shape, axis, (Ellipsis, None, slice(1, 3))) == Axis(1, 4)
+    assert ba.after_getitem(shape, axis, (slice(None), slice(0, 2))) is None  # picks batch rows
+    assert ba.after_reduce(axis, 0, 3, keepdim=False) == Axis(0, 4)
+    assert ba.after_reduce(axis, (0, 2), 3, keepdim=True) == axis
+    assert ba.after_reduce(axis, 1, 3, keepdim=False) is None  # over the batch
+
+
+@pytest.mark.parametrize("axis_shape", [(Axis(1, 4, 3), (5, 24, 2)), (Axis(0, 4, 1), (20, 3)), (Axis(2, 6), (2, 3, 6))])
+def test_pairs_split_each_row_from_its_reference(axis_shape):
+    axis, shape = axis_shape
+    # Each element holds the batch row it belongs to.
+    d, size, inner = axis
+    outer = shape[d] // (size * inner)
+    rows = torch.arange(size).view(1, size, 1).expand(outer, size, inner).reshape(shape[d])
+    view = [1] * len(shape)
+    view[d] = shape[d]
+    t = rows.view(view).expand(shape).double()
+    pairs = to_pairs(t, axis)
+    n = size // 2
+    assert pairs.shape[:2] == (2, n)
+    for j in range(n):
+        assert torch.all(pairs[0, j] == j) and torch.all(pairs[1, j] == j + n)
+    assert torch.equal(from_pairs(pairs, shape, axis), t)
+
+
+# --- exactness where the batch hides ---------------------------------------------------------
+
+
+class TimeMajorSoftmax(nn.Module):
+    """Time-major LSTM; softmax over time (dim 0) of a tanh score; nn.Softmax and nn.Tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6)
+        self.score = nn.Linear(6, 1)
+        self.tanh = nn.Tanh()
+        self.softmax = nn.Softmax(dim=0)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):  # x (B, T, F)
+        h, _ = self.rnn(x.transpose(0, 1))  # (T, B, H)
+        w = self.softmax(self.tanh(self.score(h)))  # (T, B, 1)
+        return self.out((w * h).sum(0))
+
+
+class MHAHead(nn.Module):
+    def __init__(self, batch_first: bool, need_weights: bool, heads: int = 2):
+        super().__init__()
+        self.batch_first, self.need_weights = batch_first, need_weights
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, heads, batch_first=batch_first)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        a, _ = self.mha(h, h, h, need_weights=self.need_weights)
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        return self.out(F.gelu(a).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_time_major_softmax_with_batch_equal_to_time(dtype):
+    torch.manual_seed(0)
+    model = TimeMajorSoftmax().to(dtype).eval()
+    n = 4
+    x, r = torch.randn(n, n, 3, dtype=dtype), torch.randn(n, n, 3, dtype=dtype)
+    _, error = captum_error(model, x, r)
+    assert error <= BAR[dtype]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_with_batch_equal_to_heads_and_time(batch_first, need_weights):
+    torch.manual_seed(1)
+    model = MHAHead(batch_first, need_weights, heads=2).double().eval()
+    x, r = torch.randn(2, 2, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    _, error = captum_error(model, x, r)
+    assert error <= 1e-10
+
+
+def test_same_attributions_from_shap_and_captum_for_one_reference():
+    torch.manual_seed(2)
+    model = MHAHead(batch_first=False, need_weights=True).double().eval()
+    x, r = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(1, 5, 3, dtype=torch.float64)
+    captum, error = captum_error(model, x, r.expand_as(x).clone())
+    assert error <= 1e-10
+    torch_handler.register()
+    try:
+        values = shap.DeepExplainer(model, r).shap_values(x)  # one background row = DeepLIFT
+    finally:
+        torch_handler.unregister()
+    assert np.abs(values[..., 0] - captum.numpy()).max() <= 1e-12 * np.abs(captum.numpy()).max()
+
+
+# --- engine rules kept off handled modules, and only there -------------------------------------
+
+
+class SoftmaxAndPool(nn.Module):
+    """batch_first LSTM, nn.MaxPool1d over features (engine rule kept), nn.Softmax (ours)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6, batch_first=True)
+        self.pool = nn.MaxPool1d(2)
+        self.softmax = nn.Softmax(dim=1)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)  # (B, T, 6)
+        p = self.pool(h)  # (B, T, 3)
+        w = self.softmax(p.sum(-1, keepdim=True))  # over time
+        return self.out((w * p).sum(1))
+
+
+def test_captum_hooks_only_modules_without_library_rules():
+    model = SoftmaxAndPool().double().eval()
+    engine = DeepLift(model)
+    assert engine._can_register_hook(model.softmax)  # outside: Captum's own behaviour
+    with torch_handler.deeplift_mode(model):
+        assert not engine._can_register_hook(model.softmax)
+        assert engine._can_register_hook(model.pool)
+    plain = nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1))
+    with pytest.warns(UserWarning, match="no nn.LSTM"), torch_handler.deeplift_mode(plain):
+        assert DeepLift(plain)._can_register_hook(plain[1])  # not a model the library handles
+
+
+def test_engine_rule_kept_where_the_library_has_none_is_still_exact():
+    torch.manual_seed(3)
+    model = SoftmaxAndPool().double().eval()
+    x, r = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 3, dtype=torch.float64)
+    _, error = captum_error(model, x, r)
+    # Captum's maxpool rule is exact for a 1-D max over pairs of features.
+    assert error <= 1e-10
+
+
+def test_shap_attaches_no_hooks_to_handled_modules():
+    torch_handler.register()
+    try:
+        model = TimeMajorSoftmax().double().eval()
+        background = torch.randn(4, 5, 3, dtype=torch.float64)
+        explainer = shap.DeepExplainer(model, background)
+        engine = explainer.explainer  # shap's PyTorchDeep
+        with torch_handler.deeplift_mode(model):
+            assert engine.add_handles(model.softmax, lambda *a: None, lambda *a: None) == []
+            assert engine.add_handles(model.tanh, lambda *a: None, lambda *a: None) == []
+        handles = engine.add_handles(model.softmax, lambda *a: None, lambda *a: None)
+        assert len(handles) == 2  # shap's own behaviour outside an explanation
+        for handle in handles:
+            handle.remove()
+        # shap's nn.Softmax / nn.Tanh rules on the time-major tensor would pair time steps.
+        values = explainer.shap_values(torch.randn(2, 5, 3, dtype=torch.float64))
+        assert values.shape == (2, 5, 3, 2)  # the strict additivity check passed
+    finally:
+        torch_handler.unregister()
+
+
+def test_tangermeme_registers_no_hooks_on_handled_modules():
+    import tangermeme.deep_lift_shap as tdls
+    from tangermeme._deep_lift_utils import _build_nonlinear_ops
+
+    model = TimeMajorSoftmax().double().eval()
+    ops = _build_nonlinear_ops()
+    with torch_handler.deeplift_mode(model):
+        for module in (model.softmax, model.tanh):
+            module._NON_LINEAR_OPS = ops
+            tdls._register_hooks(module)
+            assert len(module._backward_hooks) == 0
+            del module._NON_LINEAR_OPS
+
+
+# --- threads, no_grad, models without recurrent modules --------------------------------------
+
+
+def test_other_threads_and_no_grad_passes_run_native_ops():
+    torch.manual_seed(4)
+    model = MHAHead(batch_first=True, need_weights=True).double().eval()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    seen = {}
+
+    def other_thread():
+        y = model(x.clone().requires_grad_())
+        seen["names"] = graph_names(y)
+
+    with torch_handler.deeplift_mode(model):
+        mine = model(x.clone().requires_grad_())
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        with torch.no_grad():
+            quiet = model(x)
+    assert "RuleFunctionBackward" in graph_names(mine)
+    assert "RuleFunctionBackward" not in seen["names"]
+    with torch.no_grad():
+        native = model(x)
+    assert torch.allclose(mine, native, rtol=0, atol=1e-12) and torch.equal(quiet, native)
+
+
+def test_models_without_recurrent_modules_are_left_to_the_engine():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1), nn.Linear(6, 2)).double().eval()
+    x, r = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    before = DeepLift(model).attribute(x, baselines=r, target=0)
+    with pytest.warns(UserWarning, match="no nn.LSTM"), torch_handler.deeplift_mode(model):
+        from torch.nn.modules import module as torch_module
+
+        assert not torch_module._global_forward_pre_hooks  # nothing installed
+        inside = DeepLift(model).attribute(x, baselines=r, target=0)
+    assert torch.equal(before, inside)
+
+
+def test_nothing_is_left_behind():
+    from torch.nn.modules import module as torch_module
+
+    model = MHAHead(batch_first=True, need_weights=False).double().eval()
+    state = {name: set(vars(m)) for name, m in model.named_modules()}
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    captum_error(model, x, r)
+    assert not torch_module._global_forward_pre_hooks and not torch_module._global_forward_hooks
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == state
+    assert interception.current() is None
+
+
+# --- ops without rules, and rows that cannot be paired ---------------------------------------
+
+
+class Cumprod(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.op = op
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.out(self.op(h))
+
+
+def test_op_without_rule_warns_with_its_name_and_raises_when_strict():
+    model = Cumprod(lambda h: torch.cumprod(torch.sigmoid(h), dim=1)[:, -1]).double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.warns(UnsupportedOpWarning, match="`cumprod`"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)
+    with pytest.raises(UnsupportedOpError, match="`cumprod`"), torch_handler.deeplift_mode(model, strict=True):
+        DeepLift(model).attribute(x, baselines=r, target=0)
+
+
+def test_where_warns_only_when_its_condition_differs_between_input_and_reference():
+    model = Cumprod(lambda h: torch.where(h > 0, h, 0.1 * h).mean(1)).double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.warns(UnsupportedOpWarning, match="`where`.*condition differs"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)
+    mask = torch.tensor([True, False, True, True])
+    fixed = Cumprod(lambda h: torch.where(mask[:, None], torch.tanh(h), h).mean(1)).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(fixed, x, r)
+    assert error <= 1e-10
+
+
+def test_rows_of_the_batch_picked_by_an_index_raise():
+    model = Cumprod(lambda h: torch.tanh(h[:1]).mean(1).expand(h.shape[0], -1)).double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(DoubledBatchError, match="could not be followed"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)
+
+
+class PoolTimeMajor(nn.Module):
+    """nn.MaxPool1d on a time-major (T, B, H) tensor: its engine rule would split T in half."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6)
+        self.pool = nn.MaxPool1d(2)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x.transpose(0, 1))
+        return self.out(self.pool(h).sum(0))
+
+
+def test_engine_rule_on_a_tensor_whose_batch_is_not_dim_0_raises():
+    model = PoolTimeMajor().double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(DoubledBatchError, match="MaxPool1d.*not dim 0"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)
