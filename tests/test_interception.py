@@ -374,3 +374,56 @@ def test_engine_rule_on_a_tensor_whose_batch_is_not_dim_0_raises():
     x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.raises(DoubledBatchError, match="MaxPool1d.*not dim 0"), torch_handler.deeplift_mode(model):
         DeepLift(model).attribute(x, baselines=r, target=0)
+
+
+# --- every ruled op, in strict mode, in one model ---------------------------------------------
+
+
+class EveryOp(nn.Module):
+    """Three heads that together call each op with a rule (functionally, as a user writes them),
+    on batch-first and time-major LSTMs. strict=True: any op seen without a rule raises."""
+
+    def __init__(self, head: int, batch_first: bool):
+        super().__init__()
+        self.head = head
+        self.rnn = nn.LSTM(3, 8, batch_first=batch_first)
+        self.norm = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.query = nn.Parameter(torch.randn(8))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, (h_n, c_n) = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))
+        if not self.rnn.batch_first:
+            h = h.transpose(0, 1)
+        if self.head == 0:  # normalize (stepped into), einsum, log_softmax, exp, matmul, glu, amax, logsumexp
+            a = F.normalize(self.norm(h), dim=-1)
+            p = torch.log_softmax(torch.einsum("btd,bsd->bts", a, h), -1).exp()
+            z = F.glu(self.rms(p @ h), dim=-1)
+            return self.out(z.amax(1) + torch.logsumexp(z, dim=1) / (1 + z.pow(2).mean(1)))
+        if self.head == 1:  # activations, gates, maximum/minimum, clamp, vector_norm, sqrt, rsqrt, max, log, atan2
+            g = torch.sigmoid(h) * F.gelu(h) + F.silu(h) - F.softplus(-h) + F.elu(h) + F.leaky_relu(h, 0.2)
+            g = torch.maximum(g, h) + torch.minimum(g, h_n[-1].unsqueeze(1)) + torch.clamp(h, -0.5, 0.5) + F.relu6(3 * h)
+            w = torch.softmax(h @ self.query, dim=1)  # a matmul with a constant vector is linear
+            y = (w.unsqueeze(-1) * g).sum(1)
+            y = y / (torch.linalg.vector_norm(y, dim=-1, keepdim=True) + 1) + torch.sqrt(y.square() + 1) - torch.rsqrt(y.square() + 1)
+            head = y.view(len(y), 4, 2).max(dim=-1).values + torch.log(y[:, :4].exp() + 1)
+            return self.out(head + torch.tanh(h_n[-1][:, :4]) ** 3 + torch.atan2(y[:, :4], c_n[-1][:, 4:] + 2))
+        y = h.max(dim=1).values  # causal scaled_dot_product_attention, scalar ** tensor
+        y = F.scaled_dot_product_attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1), is_causal=True).squeeze(1).mean(1) + y
+        return self.out(torch.relu(y)[:, :4] * 2 ** torch.tanh(y[:, 4:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("head", [0, 1, 2])
+def test_every_ruled_op_is_exact_in_strict_mode(head, batch_first, dtype):
+    torch.manual_seed(head)
+    model = EveryOp(head, batch_first).to(dtype).eval()
+    x, r = torch.randn(4, 4, 3, dtype=dtype), torch.randn(4, 4, 3, dtype=dtype)
+    with torch_handler.deeplift_mode(model, strict=True):
+        attributions = DeepLift(model).attribute(x, baselines=r, target=1).detach()
+    with torch.no_grad():
+        fx, fr = model(x), model(r)
+    error = (attributions.sum((1, 2)) - (fx[:, 1] - fr[:, 1])).abs().max() / max(fx.abs().max(), fr.abs().max())
+    assert error <= BAR[dtype]

@@ -999,21 +999,23 @@ def _linear_elementwise(mode, func, args, kwargs):
 
 
 def _linear_matmul(mode, func, name, u, v, args, kwargs):
+    """A matmul with one constant operand (linear), torch.matmul's shape rules incl. vectors."""
     out = func(*args, **kwargs)
-    varying, is_left = (u, True) if mode.axis_of(u) is not None else (v, False)
+    is_left = mode.axis_of(u) is not None
+    varying = u if is_left else v
     axis = mode.axis_of(varying)
-    if axis is UNKNOWN or varying.dim() < 2 or out.dim() < 2:
-        mode.mark(out, UNKNOWN if varying.dim() >= 2 else None if axis is None else UNKNOWN)
-        return out
     nd = varying.dim()
-    if is_left and axis.dim == nd - 2:
-        mode.mark(out, axis._replace(dim=out.dim() - 2))
-    elif not is_left and axis.dim == nd - 1:
-        mode.mark(out, axis._replace(dim=out.dim() - 1))
-    elif axis.dim < nd - 2:
-        mode.mark(out, ba.after_broadcast(nd, axis, out.dim()))
-    else:
+    if axis is UNKNOWN or nd < 2:
         mode.mark(out, UNKNOWN)
+        return out
+    other = v if is_left else u
+    if axis.dim < nd - 2:  # a batch dim: broadcast against the other's, or kept as is by a vector
+        mode.mark(out, ba.after_broadcast(nd, axis, out.dim()) if other.dim() >= 2 else axis)
+    elif axis.dim == (nd - 1 if is_left else nd - 2):  # contracted over
+        mode.mark(out, UNKNOWN)
+    else:  # u's row dim or v's column dim: the output's last dim, or the one before it
+        last = not is_left or other.dim() == 1
+        mode.mark(out, axis._replace(dim=out.dim() - (1 if last else 2)))
     return out
 
 
