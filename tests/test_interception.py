@@ -427,3 +427,12 @@ def test_every_ruled_op_is_exact_in_strict_mode(head, batch_first, dtype):
         fx, fr = model(x), model(r)
     error = (attributions.sum((1, 2)) - (fx[:, 1] - fr[:, 1])).abs().max() / max(fx.abs().max(), fr.abs().max())
     assert error <= BAR[dtype]
+
+
+def test_without_redispatch_composites_are_reported_not_silently_wrong(monkeypatch):
+    # torch < 2.13 has no torch.overrides.redispatch_function to step into Python composites.
+    monkeypatch.setattr(interception, "_HAS_REDISPATCH", False)
+    model = MHAHead(batch_first=True, need_weights=True).double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.warns(UnsupportedOpWarning, match="`multi_head_attention_forward`.*torch >= 2.13"):
+        captum_error(model, x, r)

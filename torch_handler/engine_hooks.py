@@ -81,9 +81,10 @@ def handles_internals(module: nn.Module) -> bool:
 
 
 def _explained_member(module: nn.Module):
-    """The active explanation if ``module`` belongs to its model (else None)."""
+    """The active explanation if ``module`` belongs to its model and is not one of its recurrent
+    modules (those are the recurrent rule's business), else None."""
     ex = current()
-    if ex is None or module not in ex.members:
+    if ex is None or module not in ex.members or module in ex.recurrent:
         return None
     return ex
 

@@ -13,7 +13,8 @@ calls with gradients enabled passes through :class:`InterceptMode`, a
 * Linear ops (add, sum, mean, reshape, cat, indexing, a product with a constant, ...) run
   natively: plain autograd is exact for them. Their outputs' batch place is followed.
 * Python composites (``F.multi_head_attention_forward``, ``F.normalize``) are stepped into so
-  their inner ops are seen (``torch.overrides.redispatch_function``, torch >= 2.13).
+  their inner ops are seen (``torch.overrides.redispatch_function``, torch >= 2.13; with an
+  older torch they run natively and are reported like an op without a rule).
 * An op without a rule whose operands vary (sort, topk, cumprod, a ``where`` whose condition
   differs between input and reference, ...) is named in a warning, or raises
   :class:`UnsupportedOpError` with ``strict=True``.
@@ -275,11 +276,6 @@ def intercepting(model: nn.Module, recurrent, strict: bool = False):
     if not recurrent:
         yield None
         return
-    if not _HAS_REDISPATCH:
-        raise UnsupportedConfigurationError(
-            f"exact attributions around recurrent layers need torch >= {MINIMUM_TORCH} "
-            f"(torch.overrides.redispatch_function); found torch {torch.__version__}. Upgrade torch."
-        )
     from . import engine_hooks
 
     engine_hooks.install()
@@ -470,8 +466,17 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         if name in _PASS:
             return func(*args, **kwargs)
         if name in _STEP_INTO:
-            with self:
-                return torch.overrides.redispatch_function(func, types, args, kwargs)
+            if _HAS_REDISPATCH:
+                with self:
+                    return torch.overrides.redispatch_function(func, types, args, kwargs)
+            if any(self.axis_of(t) is not None for t in _tensors(args, kwargs)):
+                self.report(
+                    name,
+                    f"stepping into this Python composite needs torch >= {MINIMUM_TORCH} "
+                    f"(torch.overrides.redispatch_function; found {torch.__version__}), so its "
+                    "inner ops run without rules. Upgrade torch",
+                )
+            return func(*args, **kwargs)
         if not any(self.axis_of(t) is not None for t in _tensors(args, kwargs)):
             return func(*args, **kwargs)
         handler = _HANDLERS.get(name)
