@@ -476,7 +476,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     f"(torch.overrides.redispatch_function; found {torch.__version__}), so its "
                     "inner ops run without rules. Upgrade torch",
                 )
-            return func(*args, **kwargs)
+            return self._follow_same_shape(func(*args, **kwargs), args, kwargs)
         if not any(self.axis_of(t) is not None for t in _tensors(args, kwargs)):
             return func(*args, **kwargs)
         handler = _HANDLERS.get(name)
@@ -498,12 +498,17 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                 "may not sum to the output difference. Replace it by ops with rules (see the "
                 "README's support table) or keep it out of the input-dependent path",
             )
-        # Best effort: a same-shape result keeps its input's batch place.
+        return self._follow_same_shape(out, args, kwargs)
+
+    def _follow_same_shape(self, out, args, kwargs):
+        """Best effort after an op without a rule: a result shaped like its first varying input
+        keeps that input's batch place; any other result is marked as not followed."""
         first = next((t for t in _tensors(args, kwargs) if self.axis_of(t) is not None), None)
+        if first is None:
+            return out
         for o in _flat(out):
             if isinstance(o, Tensor):
-                same = first is not None and o.shape == first.shape
-                self.mark(o, self.axis_of(first) if same else UNKNOWN)
+                self.mark(o, self.axis_of(first) if o.shape == first.shape else UNKNOWN)
         return out
 
     def report(self, name: str, why: str) -> None:
