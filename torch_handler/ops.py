@@ -207,14 +207,18 @@ def _rescale_clamp(a, r, min=None, max=None):
     return _rescale_piecewise_linear(a, r, breakpoints, slopes, derivative)
 
 
-def _rescale_exp(a, r):
-    """R_exp = e^lo · expm1(d)/d for d ≤ 1 (no cancellation), the plain quotient above (no
-    0·∞ when e^lo underflows); 0 where both are −∞ (masked attention scores)."""
-    lo, hi, d = _lo_hi(a, r)
-    closed = torch.exp(lo) * _expm1_ratio(d)
-    direct = (torch.exp(hi) - torch.exp(lo)) / _safe(d)
-    rescale = torch.where(d > 1, direct, closed)
-    return torch.where(lo == hi, torch.exp(lo), rescale)
+def _rescale_exp(a, r, e_a=None, e_r=None):
+    """R_exp = e^lo · expm1(d)/d for d ≤ 1 (no cancellation), (e^hi − e^lo)/d above (no 0·∞
+    where e^lo underflows). d is clamped to the smallest normal number, where expm1(d)/d is
+    exactly 1, so d = 0 gives e^x without a special case; a pair both at −∞ (masked attention
+    scores) gives 0. ``e_a``, ``e_r``: exp(a), exp(r) when the caller already has them."""
+    if e_a is None:
+        e_a, e_r = torch.exp(a), torch.exp(r)
+    e_lo, e_hi = torch.minimum(e_a, e_r), torch.maximum(e_a, e_r)
+    d = torch.nan_to_num_((a - r).abs_(), nan=0.0).clamp_min_(torch.finfo(a.dtype).tiny)
+    closed = torch.expm1(d).div_(d).mul_(e_lo)
+    direct = (e_hi - e_lo).div_(d)
+    return torch.where(d > 1, direct, closed)
 
 
 def _rescale_log(a, r):
@@ -659,10 +663,10 @@ def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims) -> Tens
     z_a, z_r = x_a - c, x_r - c
     e_a, e_r = torch.exp(z_a), torch.exp(z_r)
     s_a, s_r = 1.0 / e_a.sum(dims, keepdim=True), 1.0 / e_r.sum(dims, keepdim=True)
-    m_e = m * ((s_a + s_r) * 0.5)
     m_s = (m * ((e_a + e_r) * 0.5)).sum(dims, keepdim=True)
-    m_S = m_s * -(s_a * s_r)  # reciprocal Rescale
-    return (m_e + m_S) * _rescale_exp(z_a, z_r)
+    m_S = m_s.mul_(-(s_a * s_r))  # reciprocal Rescale
+    m_e = (m * ((s_a + s_r) * 0.5)).add_(m_S)
+    return m_e.mul_(_rescale_exp(z_a, z_r, e_a, e_r))
 
 
 def softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
@@ -689,9 +693,10 @@ def log_softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
     x_a64, x_r64, m64 = _f64(x_a), _f64(x_r), _f64(m)
     c = _shift(x_a64, x_r64, dims)
     z_a, z_r = x_a64 - c, x_r64 - c
-    S_a, S_r = torch.exp(z_a).sum(dims, keepdim=True), torch.exp(z_r).sum(dims, keepdim=True)
+    e_a, e_r = torch.exp(z_a), torch.exp(z_r)
+    S_a, S_r = e_a.sum(dims, keepdim=True), e_r.sum(dims, keepdim=True)
     m_S = -m64.sum(dims, keepdim=True) * _rescale_log(S_a, S_r)
-    return ((m64 + m_S * _rescale_exp(z_a, z_r)).to(x_a.dtype),)
+    return ((m64 + m_S * _rescale_exp(z_a, z_r, e_a, e_r)).to(x_a.dtype),)
 
 
 def logsumexp(m: Tensor, actual, reference, *, dim, keepdim: bool = False) -> Multipliers:
@@ -706,8 +711,9 @@ def logsumexp(m: Tensor, actual, reference, *, dim, keepdim: bool = False) -> Mu
     m64 = _f64(m) if keepdim else _unsqueeze_dims(_f64(m), dims)
     c = _shift(x_a64, x_r64, dims)
     z_a, z_r = x_a64 - c, x_r64 - c
-    S_a, S_r = torch.exp(z_a).sum(dims, keepdim=True), torch.exp(z_r).sum(dims, keepdim=True)
-    return ((m64 * _rescale_log(S_a, S_r) * _rescale_exp(z_a, z_r)).to(x_a.dtype),)
+    e_a, e_r = torch.exp(z_a), torch.exp(z_r)
+    S_a, S_r = e_a.sum(dims, keepdim=True), e_r.sum(dims, keepdim=True)
+    return ((m64 * _rescale_log(S_a, S_r) * _rescale_exp(z_a, z_r, e_a, e_r)).to(x_a.dtype),)
 
 
 def layer_norm(
