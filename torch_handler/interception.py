@@ -271,9 +271,11 @@ def intercepting(model: nn.Module, recurrent, strict: bool = False):
     """Intercept ``model``'s own forward calls in this context (see the module docstring).
 
     ``recurrent``: the model's recurrent modules (interception is off inside them). For a
-    model without any, nothing is entered: its values stay exactly the engine's own.
+    model without any, nothing is entered: its values stay exactly the engine's own; nor for a
+    model that is itself a recurrent module (nothing around it).
     """
-    if not recurrent:
+    if not recurrent or any(module is model for module in recurrent):
+        # No recurrent module, or the model *is* one: nothing around it to intercept.
         yield None
         return
     from . import engine_hooks
