@@ -60,6 +60,12 @@ def _mean(a: Tensor, r: Tensor) -> Tensor:
     return (_f64(a) + _f64(r)) * 0.5
 
 
+def _native_mean(a: Tensor, r: Tensor) -> Tensor:
+    """``(a + r) / 2`` in the operands' dtype: the sum is rounded once and halving is exact, so
+    this is the correctly rounded mean, the same value as the float64 mean rounded back."""
+    return (a + r) * 0.5
+
+
 def _scaled(m: Tensor, coefficient: Tensor, like: Tensor) -> Tensor:
     """``m * coefficient`` in float64, returned in ``like``'s dtype.
 
@@ -524,12 +530,12 @@ def _matmul_multipliers(m: Tensor, u_a, u_r, v_a, v_r, scale: float = 1.0) -> Mu
     """m_u = scale · m @ mean(v)ᵀ, m_v = scale · mean(u)ᵀ @ m, reduced to each operand's shape.
 
     u (N, *bu, n, k), v (N, *bv, k, p) with per-pair torch.matmul batch broadcasting;
-    m (2, N, *b, n, p). Means in float64, products in the operands' dtype.
+    m (2, N, *b, n, p). Means and products in the operands' dtype.
     """
     dtype = u_a.dtype
     ndim = max(u_a.ndim, v_a.ndim)
-    mean_u = _pad_after_pair(_mean(u_a, u_r).to(dtype), ndim)
-    mean_v = _pad_after_pair(_mean(v_a, v_r).to(dtype), ndim)
+    mean_u = _pad_after_pair(_native_mean(u_a, u_r).to(dtype), ndim)
+    mean_v = _pad_after_pair(_native_mean(v_a, v_r).to(dtype), ndim)
     m = m.to(dtype)
     if scale != 1.0:
         m = m * scale
@@ -544,7 +550,7 @@ def matmul(m: Tensor, actual, reference) -> Multipliers:
 
     actual = (u_a, v_a), reference = (u_r, v_r): u (N, *bu, n, k), v (N, *bv, k, p);
     m (2, N, *b, n, p) -> (m_u (2, N, *bu, n, k), m_v (2, N, *bv, k, p)).
-    Means are computed in float64 and rounded once to the operands' dtype.
+    Means are correctly rounded in the operands' dtype (see _native_mean).
     """
     (u_a, v_a), (u_r, v_r) = actual, reference
     if u_a.ndim < 3 or v_a.ndim < 3:
@@ -592,8 +598,8 @@ def linear(m: Tensor, actual, reference) -> Multipliers:
     b_a = actual[2] if len(actual) > 2 else None
     dtype = x_a.dtype
     m_ = m.to(dtype)
-    mean_w = _mean(w_a, w_r).to(dtype)
-    mean_x = _mean(x_a, x_r).to(dtype)
+    mean_w = _native_mean(w_a, w_r).to(dtype)
+    mean_x = _native_mean(x_a, x_r).to(dtype)
     m_x = torch.einsum("hn...o,noi->hn...i", m_, mean_w)
     m_w = torch.einsum("hn...o,n...i->hnoi", m_, mean_x)
     result = (m_x, m_w.to(w_a.dtype))
@@ -637,7 +643,7 @@ def einsum(m: Tensor, actual, reference, *, equation: str) -> Multipliers:
     def doubled(t: Tensor) -> Tensor:
         return t.to(dtype).unsqueeze(0).expand(2, *t.shape).reshape(2 * n, *t.shape[1:])
 
-    mean_u, mean_v = doubled(_mean(u_a, u_r)), doubled(_mean(v_a, v_r))
+    mean_u, mean_v = doubled(_native_mean(u_a, u_r)), doubled(_native_mean(v_a, v_r))
     with torch.enable_grad():
         u_var = torch.zeros_like(mean_u, requires_grad=True)
         v_var = torch.zeros_like(mean_v, requires_grad=True)
