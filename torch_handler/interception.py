@@ -215,13 +215,30 @@ def _pre_hook(module, args):
     if ex.mode is None:
         return None
     if module in ex.recurrent:
-        ex.mode.paused += 1
-        ex.frames.append((module, ("recurrent", args)))
+        ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
     elif module in ex.engine_ruled:
         _check_engine_input(module, ex.mode, args)
-        ex.mode.paused += 1
-        ex.frames.append((module, ("engine", args)))
+        ex.frames.append((module, ("engine", args, _pause(ex.mode))))
     return None
+
+
+def _pause(mode: InterceptMode) -> bool:
+    """Switch interception off until :func:`_resume`. Pops the mode off torch's stack when it is
+    on top (the recurrent loop then pays nothing per op), else only raises its pause count.
+    Returns whether it was popped."""
+    current_mode = getattr(torch.overrides, "_get_current_function_mode", lambda: None)()
+    if mode.paused == 0 and current_mode is mode:
+        mode.__exit__(None, None, None)
+        return True
+    mode.paused += 1
+    return False
+
+
+def _resume(mode: InterceptMode, popped: bool) -> None:
+    if popped:
+        mode.__enter__()
+    else:
+        mode.paused -= 1
 
 
 def _post_hook(module, args, output):
@@ -235,8 +252,8 @@ def _post_hook(module, args, output):
     elif kind == "nested-root":
         pass
     else:
-        ex.mode.paused -= 1
-        what, call_args = kind
+        what, call_args, popped = kind
+        _resume(ex.mode, popped)
         if output is None:  # the forward raised (always_call): nothing to follow
             return None
         if what == "recurrent":
