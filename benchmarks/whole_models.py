@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = (
             dict(batch=4, length=20, hidden=16, repeats=3)
             if args.quick
-            else dict(batch=16, length=50, hidden=32, repeats=args.repeats)
+            else dict(batch=32, length=100, hidden=64, repeats=args.repeats)
         )
         overhead = [overhead_row(label, family, seed=args.seed, **sizes) for label, family in OVERHEAD_MODELS.items()]
     columns = list(rows[0])
