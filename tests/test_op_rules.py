@@ -175,6 +175,9 @@ def pairs(case: Elementwise, kind: str, dtype, seed: int):
     reference = [draw(d, (N, S), g, scale) for d in case.domains]
     if kind in ("random", "large"):
         actual = [draw(d, (N, S), g, scale) for d in case.domains]
+    elif kind == "mixed":  # random pairs with about half of the elements equal (a == r)
+        equal = torch.rand((N, S), generator=g) < 0.5
+        actual = [torch.where(equal, r, draw(d, (N, S), g)) for d, r in zip(case.domains, reference, strict=True)]
     elif kind == "tiny":
         actual = [nudge(r, dtype, g) for r in reference]
     elif kind == "near":  # relative deltas log-uniform in [1e-8, 1e-1]: every threshold regime
@@ -224,7 +227,7 @@ def assert_sums_to_delta(multipliers, actual, reference, m, delta_f: np.ndarray,
     assert (err <= tol * scale + 1e-300).all(), f"max relative error {np.max(err / np.maximum(scale, 1e-300)):.3e}"
 
 
-KINDS = ["random", "near", "tiny", "large"]
+KINDS = ["random", "mixed", "near", "tiny", "large"]
 
 
 def elementwise_params():
@@ -469,6 +472,11 @@ def composite_pairs(case: Composite, kind: str, dtype, seed=5):
     reference = case.draw(g)
     if kind == "random":
         actual = case.draw(g)
+    elif kind == "mixed":  # about half of the elements equal (a == r), the others random
+        actual = tuple(
+            torch.where(torch.rand(r.shape, generator=g) < 0.5, r, a)
+            for r, a in zip(reference, case.draw(g), strict=True)
+        )
     elif kind == "near":  # relative deltas 1e-4: the Rescale factors near their limits
         actual = tuple(r + 1e-4 * torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference)
     elif kind == "large":
@@ -483,7 +491,7 @@ def output_scale(values) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["random", "near", "large"])
+@pytest.mark.parametrize("kind", ["random", "mixed", "near", "large"])
 @pytest.mark.parametrize("case", COMPOSITES, ids=lambda c: c.id)
 def test_composite_sums_to_delta(case, kind, dtype):
     """Per half and pair: Σ_k Σ m_k Δ_k == Σ m (f(a) − f(r)), relative to Σ |m| (|f(a)| + |f(r)|)
