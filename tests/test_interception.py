@@ -436,3 +436,21 @@ def test_without_redispatch_composites_are_reported_not_silently_wrong(monkeypat
     x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.warns(UnsupportedOpWarning, match="`multi_head_attention_forward`.*torch >= 2.13"):
         captum_error(model, x, r)
+
+
+def test_inplace_activations_and_accumulation_are_exact():
+    def head(h):
+        acc = torch.zeros(h.shape[0], h.shape[2], dtype=h.dtype)
+        acc += F.leaky_relu(h.clone(), 0.2, True).sum(1)  # positional inplace=True
+        g = h.clone()
+        g.sigmoid_()
+        acc.add_(nn.ReLU(inplace=True)(g * h).mean(1))
+        return acc.repeat(1, 1)
+
+    torch.manual_seed(6)
+    model = Cumprod(head).double().eval()
+    x, r = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(model, x, r)
+    assert error <= 1e-10

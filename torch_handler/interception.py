@@ -600,15 +600,16 @@ def _native(func, args, kwargs) -> Tensor:
 
 
 def _inplace(mode, func, name, handler, args, kwargs):
-    """``x.relu_()`` and friends: the out-of-place rule, then copied into x (autograd sees the copy)."""
+    """``x.relu_()``, ``x.mul_(y)``, ``x.add_(y)``, ...: the out-of-place op, then copied into x
+    (autograd sees the copy). In-place ops that change the shape run natively."""
     target = args[0]
     out_of_place = getattr(torch.Tensor, name[:-1], None)
-    if out_of_place is None:
+    if out_of_place is None or name in ("unsqueeze_", "squeeze_", "transpose_", "t_", "resize_", "as_strided_"):
         return mode._unknown(func, name, args, kwargs)
-    result = handler(mode, out_of_place, name[:-1], args, kwargs)
-    target.copy_(result)
-    mode.mark(target, mode.axis_of(result))
-    return target
+    result = handler(mode, out_of_place, name[:-1], _with_tracked_copy(mode, args), kwargs)
+    if not isinstance(result, Tensor) or result.shape != target.shape:
+        return mode._unknown(func, name, args, kwargs)
+    return _copy_into(mode, target, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,15 +636,46 @@ _UNARY_PARAMS = {
 }
 
 
+# Position of the ``inplace`` argument of the functional forms (F.relu(x, inplace), ...).
+_INPLACE_POSITION = {"relu": 1, "relu6": 1, "silu": 1, "leaky_relu": 2, "elu": 2, "hardtanh": 3}
+
+
+def _without_inplace(name, args, kwargs):
+    """(args, kwargs, inplace?) with a functional ``inplace=True`` switched off: the rule's
+    Function computes out of place, and the result is then copied into the input."""
+    position = _INPLACE_POSITION.get(name)
+    if position is None:
+        return args, kwargs, False
+    if kwargs.get("inplace"):
+        return args, {**kwargs, "inplace": False}, True
+    if len(args) > position and args[position]:
+        return (*args[:position], False, *args[position + 1 :]), kwargs, True
+    return args, kwargs, False
+
+
+def _with_tracked_copy(mode, args):
+    """``args`` with ``args[0]`` replaced by a clone that keeps its batch place: the rule's
+    Function must save the input's value, which the in-place write would overwrite."""
+    copy = args[0].clone()
+    mode.mark(copy, mode.axis_of(args[0]))
+    return (copy, *args[1:])
+
+
+def _copy_into(mode, target: Tensor, result: Tensor) -> Tensor:
+    target.copy_(result)
+    mode.mark(target, mode.axis_of(result))
+    return target
+
+
 def _unary(mode, func, name, args, kwargs):
     rule, spec = _UNARY_PARAMS[name]
     x = args[0]
     params = {p: _arg(args, kwargs, i, p, d) for p, i, d in spec}
-    if kwargs.get("inplace") or (name == "relu6" and _arg(args, kwargs, 1, "inplace", False)):
-        clean = {k: v for k, v in kwargs.items() if k != "inplace"}
-        result = _elementwise(mode, func, name, rule, (x,), [x], args[:1] + tuple(args[1:]), {**clean}, params)
-        x.copy_(result)
-        return x
+    args, kwargs, inplace = _without_inplace(name, args, kwargs)
+    if inplace:
+        args = _with_tracked_copy(mode, args)
+        result = _elementwise(mode, func, name, rule, (args[0],), [args[0]], args, kwargs, params)
+        return _copy_into(mode, x, result)
     return _elementwise(mode, func, name, rule, (x,), [x], args, kwargs, params)
 
 
@@ -662,6 +694,11 @@ def _clamp(mode, func, name, args, kwargs):
             lo, hi = (None if v is None else float(v) for v in (lo, hi))
         else:
             return mode._unknown(func, name, args, kwargs)
+    args, kwargs, inplace = _without_inplace(name, args, kwargs)
+    if inplace:
+        args = _with_tracked_copy(mode, args)
+        result = _elementwise(mode, func, name, "clamp", (args[0],), [args[0]], args, kwargs, {"min": lo, "max": hi})
+        return _copy_into(mode, x, result)
     return _elementwise(mode, func, name, "clamp", (x,), [x], args, kwargs, {"min": lo, "max": hi})
 
 
@@ -1330,6 +1367,21 @@ def _along_dim(mode, func, name, args, kwargs):
     return out
 
 
+def _repeat(mode, func, name, args, kwargs):
+    """repeat / tile / repeat_interleave: copies, linear; the batch is kept if it is not repeated."""
+    out = func(*args, **kwargs)
+    x, axis = args[0], mode.axis_of(args[0])
+    if axis is not UNKNOWN:
+        if name == "repeat_interleave":
+            dim = _arg(args, kwargs, 2, "dim")
+            axis = axis if dim is not None and dim % x.dim() != axis.dim else UNKNOWN
+        else:
+            moved = ba.after_broadcast(x.dim(), axis, out.dim())
+            axis = moved if out.shape[moved.dim] == x.shape[axis.dim] else UNKNOWN
+    mode.mark(out, axis)
+    return out
+
+
 def _embedding(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     ids = args[0]
@@ -1455,6 +1507,9 @@ _HANDLERS.update(
         "dropout2d": _same,
         "embedding": _embedding,
         "pad": _pad,
+        "repeat": _repeat,
+        "tile": _repeat,
+        "repeat_interleave": _repeat,
         "index_select": _index_select,
         "gather": _index_select,
         "take_along_dim": _index_select,
