@@ -663,23 +663,41 @@ def _shift(x_a: Tensor, x_r: Tensor, dims) -> Tensor:
     return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
 
 
-def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims) -> Tensor:
-    """float64 core of the softmax rule: m (2, N, *s) -> m_x (2, N, *s); x float64."""
+def _exp_sums(x_a: Tensor, x_r: Tensor, dims):
+    """Shifted logits z = x − c (c = max over both halves along ``dims``), e = exp(z) and
+    S = Σ_dims e, for each half (float64)."""
     c = _shift(x_a, x_r, dims)
     z_a, z_r = x_a - c, x_r - c
     e_a, e_r = torch.exp(z_a), torch.exp(z_r)
-    s_a, s_r = 1.0 / e_a.sum(dims, keepdim=True), 1.0 / e_r.sum(dims, keepdim=True)
-    m_s = (m * ((e_a + e_r) * 0.5)).sum(dims, keepdim=True)
-    m_S = m_s.mul_(-(s_a * s_r))  # reciprocal Rescale
-    m_e = (m * ((s_a + s_r) * 0.5)).add_(m_S)
-    return m_e.mul_(_rescale_exp(z_a, z_r, e_a, e_r))
+    return (z_a, z_r), (e_a, e_r), (e_a.sum(dims, keepdim=True), e_r.sum(dims, keepdim=True))
+
+
+def _log_softmax_input_multiplier(m: Tensor, z, e, S, dims) -> Tensor:
+    """float64 core of the log_softmax rule, from ``_exp_sums``' values:
+    m_S = −Σ_dims m · R_log(S_a, S_r), m_x = m + m_S · R_exp(z_a, z_r)."""
+    m_S = -m.sum(dims, keepdim=True) * _rescale_log(*S)
+    return m + m_S * _rescale_exp(*z, *e)
+
+
+def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims) -> Tensor:
+    """float64 core of the softmax rule, softmax = exp ∘ log_softmax: m (2, N, *s) -> m_x (2, N, *s).
+
+    Why not e · reciprocal(Σ e): that composition is exact too, but its multipliers grow like
+    e^L when the two halves' logits differ in level by L (a reference shifted by a constant
+    gets attributions of size e^L that cancel, although softmax did not change). Through
+    log_softmax every coefficient stays bounded by the probabilities, and a uniform shift of
+    the logits gets zero attributions, as softmax's invariance says it should.
+    """
+    z, e, S = _exp_sums(x_a, x_r, dims)
+    u_a, u_r = z[0] - torch.log(S[0]), z[1] - torch.log(S[1])
+    m_u = m * _rescale_exp(u_a, u_r, e[0] / S[0], e[1] / S[1])
+    return _log_softmax_input_multiplier(m_u, z, e, S, dims)
 
 
 def softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
-    """y = softmax(x, dim) as e = exp(x − c), S = Σ_dim e, s = reciprocal(S), y = e · s
-    (c = max over both halves along dim):
-    m_e = m · mean(s) + m_S, m_s = Σ_dim m · mean(e), m_S = −m_s / (S_a S_r),
-    m_x = m_e · R_exp(x_a − c, x_r − c).
+    """y = softmax(x, dim) as exp(u) with u = log_softmax(x, dim) (the log_softmax rule below):
+    m_u = m · R_exp(u_a, u_r), then m_x = m_u + m_S · R_exp(x_a − c, x_r − c) with
+    m_S = −Σ_dim m_u · R_log(S_a, S_r), S = Σ_dim exp(x − c), c = max over both halves along dim.
 
     actual = (x_a,): (N, *s); dim negative; m (2, N, *s) -> (m_x,).
     """
@@ -696,13 +714,8 @@ def log_softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
     """
     (x_a,), (x_r,) = actual, reference
     dims = _pair_dims(dim, x_a.ndim)
-    x_a64, x_r64, m64 = _f64(x_a), _f64(x_r), _f64(m)
-    c = _shift(x_a64, x_r64, dims)
-    z_a, z_r = x_a64 - c, x_r64 - c
-    e_a, e_r = torch.exp(z_a), torch.exp(z_r)
-    S_a, S_r = e_a.sum(dims, keepdim=True), e_r.sum(dims, keepdim=True)
-    m_S = -m64.sum(dims, keepdim=True) * _rescale_log(S_a, S_r)
-    return ((m64 + m_S * _rescale_exp(z_a, z_r, e_a, e_r)).to(x_a.dtype),)
+    z, e, S = _exp_sums(_f64(x_a), _f64(x_r), dims)
+    return (_log_softmax_input_multiplier(_f64(m), z, e, S, dims).to(x_a.dtype),)
 
 
 def logsumexp(m: Tensor, actual, reference, *, dim, keepdim: bool = False) -> Multipliers:
@@ -713,13 +726,9 @@ def logsumexp(m: Tensor, actual, reference, *, dim, keepdim: bool = False) -> Mu
     """
     (x_a,), (x_r,) = actual, reference
     dims = _pair_dims(dim, x_a.ndim)
-    x_a64, x_r64 = _f64(x_a), _f64(x_r)
     m64 = _f64(m) if keepdim else _unsqueeze_dims(_f64(m), dims)
-    c = _shift(x_a64, x_r64, dims)
-    z_a, z_r = x_a64 - c, x_r64 - c
-    e_a, e_r = torch.exp(z_a), torch.exp(z_r)
-    S_a, S_r = e_a.sum(dims, keepdim=True), e_r.sum(dims, keepdim=True)
-    return ((m64 * _rescale_log(S_a, S_r) * _rescale_exp(z_a, z_r, e_a, e_r)).to(x_a.dtype),)
+    z, e, S = _exp_sums(_f64(x_a), _f64(x_r), dims)
+    return ((m64 * _rescale_log(*S) * _rescale_exp(*z, *e)).to(x_a.dtype),)
 
 
 def layer_norm(
