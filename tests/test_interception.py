@@ -454,3 +454,20 @@ def test_inplace_activations_and_accumulation_are_exact():
         warnings.simplefilter("error", UnsupportedOpWarning)
         _, error = captum_error(model, x, r)
     assert error <= 1e-10
+
+
+def test_properties_and_slice_assignment_keep_the_batch():
+    def head(h):  # h (2N, T, H)
+        scores = torch.softmax(h @ h.mT, dim=-1)  # the .mT property
+        buffer = torch.zeros(h.shape[0], 2, h.shape[2], dtype=h.dtype)
+        buffer[:, 0] = (scores @ h).mean(1)  # a constant buffer filled with input-dependent rows
+        buffer[:, 1] = torch.tanh(h[:, -1])
+        return torch.sigmoid(buffer).sum(1)
+
+    torch.manual_seed(7)
+    model = Cumprod(head).double().eval()
+    x, r = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(model, x, r)
+    assert error <= 1e-10

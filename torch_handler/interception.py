@@ -396,6 +396,7 @@ _MASKS = frozenset(
     __xor__ __rand__ __ror__ bitwise_not bitwise_and bitwise_or""".split()
 )
 
+_TRANSPOSING_PROPERTIES = frozenset({"T", "mT", "H", "mH"})
 _STEP_INTO = frozenset({"multi_head_attention_forward", "normalize"})
 
 
@@ -482,6 +483,11 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         if self.paused:
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: only the transposing ones move the batch
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+            if name not in _TRANSPOSING_PROPERTIES or self.axis_of(args[0]) is None:
+                return func(*args, **kwargs)
+            return _permute(self, func, name, args, kwargs)
         if name in _PASS:
             return func(*args, **kwargs)
         if name in _STEP_INTO:
@@ -1138,7 +1144,9 @@ def _permute(mode, func, name, args, kwargs):
             axis = ba.after_permute(axis, order)
         elif name in ("transpose", "swapaxes", "swapdims"):
             axis = ba.after_transpose(axis, args[1], args[2], x.dim())
-        elif name in ("t", "T", "mT", "adjoint"):
+        elif name in ("T", "H"):  # all dims reversed
+            axis = ba.after_permute(axis, list(range(x.dim() - 1, -1, -1)))
+        elif name in ("t", "mT", "mH", "adjoint"):
             axis = ba.after_transpose(axis, -2, -1, x.dim()) if x.dim() >= 2 else axis
         else:  # movedim / moveaxis
             axis = ba.after_movedim(axis, _arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination"), x.dim())
@@ -1382,6 +1390,38 @@ def _repeat(mode, func, name, args, kwargs):
     return out
 
 
+def _setitem(mode, func, name, args, kwargs):
+    """``target[index] = value``: linear (autograd's CopySlices). The target keeps its batch
+    place; a constant target (``torch.zeros`` filled with input-dependent values) takes the
+    place whose indexed view matches the value's."""
+    target, index, value = args[0], args[1], args[2]
+    axis = mode.axis_of(target)  # before the write gives a constant target a graph
+    value_axis = mode.axis_of(value)
+    func(*args, **kwargs)
+    if axis is None and value_axis is not None:
+        axis = UNKNOWN
+        if value_axis is not UNKNOWN and isinstance(value, Tensor):
+            view_shape = tuple(target[index].shape)
+            for d in range(target.dim()):
+                candidate = Axis(d, value_axis.size, value_axis.inner)
+                if ba.valid(tuple(target.shape), candidate) is None:
+                    continue
+                seen = ba.after_getitem(tuple(target.shape), candidate, index)
+                wanted = ba.after_broadcast(value.dim(), value_axis, len(view_shape))
+                if seen == wanted:
+                    axis = candidate
+                    break
+    elif axis is not None and axis is not UNKNOWN and value_axis is not None:
+        seen = ba.after_getitem(tuple(target.shape), axis, index)
+        wanted = None if value_axis is UNKNOWN else ba.after_broadcast(value.dim(), value_axis, target[index].dim())
+        axis = axis if seen is not None and seen == wanted else UNKNOWN
+    if axis is not None:
+        mode.axes[target] = axis  # the same tensor object, its autograd node is new
+        if target.grad_fn is not None:
+            mode.by_node[(id(target.grad_fn), target.output_nr)] = (target.grad_fn, axis)
+    return None
+
+
 def _embedding(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     ids = args[0]
@@ -1483,6 +1523,7 @@ _HANDLERS.update(
         "var": _reduce,
         "prod": _reduce,
         "__getitem__": _getitem,
+        "__setitem__": _setitem,
         "select": _select,
         "narrow": _select,
         "chunk": _split,
