@@ -471,3 +471,25 @@ def test_properties_and_slice_assignment_keep_the_batch():
         warnings.simplefilter("error", UnsupportedOpWarning)
         _, error = captum_error(model, x, r)
     assert error <= 1e-10
+
+
+def test_last_valid_step_picked_with_arange_keeps_the_batch():
+    def head(h):  # h (rows, T, H): the last valid step of each row (the same for each pair)
+        last = torch.tensor([3, 1, 2]).repeat(h.shape[0] // 3)
+        return torch.tanh(h[torch.arange(h.shape[0]), last]) * torch.sigmoid(h[:, 0])
+
+    torch.manual_seed(8)
+    model = Cumprod(head).double().eval()
+    x, r = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(model, x, r)
+    assert error <= 1e-10
+
+
+def test_an_index_that_depends_on_the_input_is_reported():
+    torch.manual_seed(9)
+    model = Cumprod(lambda h: torch.tanh(h[torch.arange(h.shape[0]), h.sum(-1).argmax(1)])).double().eval()
+    x, r = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    with pytest.warns(UnsupportedOpWarning, match="index tensor differs"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)

@@ -1185,8 +1185,17 @@ def _reduce(mode, func, name, args, kwargs):
 def _getitem(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     x, axis = args[0], mode.axis_of(args[0])
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    for i in index:
+        if isinstance(i, Tensor) and mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
+            mode.report(
+                "__getitem__",
+                "its index tensor differs between the input and its reference, so which values "
+                "are picked depends on the input and no rule covers that; index with "
+                "input-independent positions",
+            )
     if axis is not UNKNOWN and axis is not None:
-        axis = ba.after_getitem(tuple(x.shape), axis, args[1]) or UNKNOWN
+        axis = ba.after_getitem(tuple(x.shape), axis, args[1]) or _rows_in_order(x, axis, index) or UNKNOWN
     if axis is not None and not isinstance(out, Tensor):
         return out
     mode.mark(out, axis)
@@ -1270,7 +1279,11 @@ def _where(mode, func, name, args, kwargs):
 
 
 def _halves_equal(mode, t: Tensor, name: str) -> bool:
-    axis = mode.known_axis(t, name)
+    """Whether an input-dependent ``t`` is the same for each input and its reference (False
+    where its batch place is not known)."""
+    axis = mode.axis_of(t)
+    if axis is UNKNOWN:
+        return False
     pairs = to_pairs(t.detach(), axis)
     return bool(torch.equal(pairs[0], pairs[1]))
 
@@ -1388,6 +1401,27 @@ def _repeat(mode, func, name, args, kwargs):
             axis = moved if out.shape[moved.dim] == x.shape[axis.dim] else UNKNOWN
     mode.mark(out, axis)
     return out
+
+
+def _rows_in_order(x: Tensor, axis: Axis, index: tuple) -> Axis | None:
+    """``x[arange(B), positions]``-style advanced indexing (the last valid step per row): the
+    batch dim indexed by exactly ``arange(size)`` and every other tensor index 1-D of that
+    length, all tensor indices adjacent and no Ellipsis/None. The picked rows stay in order, at
+    the place torch puts the advanced block."""
+    if not ba.is_plain(tuple(x.shape), axis) or any(i is None or i is Ellipsis for i in index):
+        return None
+    tensor_at = [k for k, i in enumerate(index) if isinstance(i, Tensor)]
+    if not tensor_at or axis.dim not in tensor_at or tensor_at != list(range(tensor_at[0], tensor_at[-1] + 1)):
+        return None
+    rows = index[axis.dim]
+    if rows.dim() != 1 or rows.dtype.is_floating_point or rows.numel() != axis.size:
+        return None
+    if not torch.equal(rows.cpu(), torch.arange(axis.size)):
+        return None
+    if any(index[k].shape != rows.shape for k in tensor_at):
+        return None
+    before = sum(1 for i in index[: tensor_at[0]] if isinstance(i, slice))
+    return Axis(before, axis.size)
 
 
 def _setitem(mode, func, name, args, kwargs):
@@ -1517,6 +1551,8 @@ _HANDLERS.update(
         "expand_as": _expand,
         "broadcast_to": _expand,
         "sum": _reduce,
+        "argmax": _reduce,
+        "argmin": _reduce,
         "mean": _reduce,
         "nansum": _reduce,
         "std": _reduce,
