@@ -403,14 +403,28 @@ class EveryOp(nn.Module):
             return self.out(z.amax(1) + torch.logsumexp(z, dim=1) / (1 + z.pow(2).mean(1)))
         if self.head == 1:  # activations, gates, maximum/minimum, clamp, vector_norm, sqrt, rsqrt, max, log, atan2
             g = torch.sigmoid(h) * F.gelu(h) + F.silu(h) - F.softplus(-h) + F.elu(h) + F.leaky_relu(h, 0.2)
-            g = torch.maximum(g, h) + torch.minimum(g, h_n[-1].unsqueeze(1)) + torch.clamp(h, -0.5, 0.5) + F.relu6(3 * h)
+            g = (
+                torch.maximum(g, h)
+                + torch.minimum(g, h_n[-1].unsqueeze(1))
+                + torch.clamp(h, -0.5, 0.5)
+                + F.relu6(3 * h)
+            )
             w = torch.softmax(h @ self.query, dim=1)  # a matmul with a constant vector is linear
             y = (w.unsqueeze(-1) * g).sum(1)
-            y = y / (torch.linalg.vector_norm(y, dim=-1, keepdim=True) + 1) + torch.sqrt(y.square() + 1) - torch.rsqrt(y.square() + 1)
+            y = (
+                y / (torch.linalg.vector_norm(y, dim=-1, keepdim=True) + 1)
+                + torch.sqrt(y.square() + 1)
+                - torch.rsqrt(y.square() + 1)
+            )
             head = y.view(len(y), 4, 2).max(dim=-1).values + torch.log(y[:, :4].exp() + 1)
             return self.out(head + torch.tanh(h_n[-1][:, :4]) ** 3 + torch.atan2(y[:, :4], c_n[-1][:, 4:] + 2))
         y = h.max(dim=1).values  # causal scaled_dot_product_attention, scalar ** tensor
-        y = F.scaled_dot_product_attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1), is_causal=True).squeeze(1).mean(1) + y
+        y = (
+            F.scaled_dot_product_attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1), is_causal=True)
+            .squeeze(1)
+            .mean(1)
+            + y
+        )
         return self.out(torch.relu(y)[:, :4] * 2 ** torch.tanh(y[:, 4:]))
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from torch import Tensor
-
 
 class Axis(NamedTuple):
     """The doubled batch inside dimension ``dim``: ``shape[dim] == outer * size * inner``."""

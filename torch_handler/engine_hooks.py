@@ -52,9 +52,19 @@ _HANDLED_TYPES: dict[type, tuple[str, ...]] = {
 }
 # Modules whose engine rule is the identity: no hooks needed, none attached.
 _LINEAR_TYPES = (
-    nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.Linear,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Embedding,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
 )
 
 

@@ -374,8 +374,8 @@ def _mark_engine_output(mode: InterceptMode, module, args, output) -> None:
 # ---------------------------------------------------------------------------------------------
 # The mode.
 
-UNKNOWN = Axis(-1, 0, 0)
-_IN_ORDER = object()  # a packed recurrent output whose rows were never sorted  # varies with the input, but where its batch is could not be followed
+UNKNOWN = Axis(-1, 0, 0)  # varies with the input, but where its batch is could not be followed
+_IN_ORDER = object()  # a packed recurrent output whose rows were never sorted
 
 # Calls that never produce an input-dependent float tensor.
 _PASS = frozenset(
@@ -446,7 +446,11 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             source, nr = node.next_functions[t.output_nr]
             if source is not None:
                 variable = getattr(source, "variable", None)
-                found = self.axis_of(variable) if variable is not None else self.by_node.get((id(source), nr), (None, None))[1]
+                found = (
+                    self.axis_of(variable)
+                    if variable is not None
+                    else self.by_node.get((id(source), nr), (None, None))[1]
+                )
                 if found is not None:
                     self.mark(t, found)
                     return found
@@ -1034,7 +1038,16 @@ def _einsum(mode, func, name, args, kwargs):
     out = _native(func, args, kwargs)
     axes = [mode.axis_of(op) for op in operands]
     out_axis = Axis(rhs.index(letter), axes[0].size)
-    plan = Plan("einsum", "einsum", [op.detach() for op in operands], axes, out, out_axis, {"equation": reduced_eq}, [op.shape for op in operands])
+    plan = Plan(
+        "einsum",
+        "einsum",
+        [op.detach() for op in operands],
+        axes,
+        out,
+        out_axis,
+        {"equation": reduced_eq},
+        [op.shape for op in operands],
+    )
     return _run_rule(mode, plan, operands)
 
 
@@ -1149,7 +1162,9 @@ def _permute(mode, func, name, args, kwargs):
         elif name in ("t", "mT", "mH", "adjoint"):
             axis = ba.after_transpose(axis, -2, -1, x.dim()) if x.dim() >= 2 else axis
         else:  # movedim / moveaxis
-            axis = ba.after_movedim(axis, _arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination"), x.dim())
+            axis = ba.after_movedim(
+                axis, _arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination"), x.dim()
+            )
     mode.mark(out, axis)
     return out
 
@@ -1176,9 +1191,12 @@ def _reduce(mode, func, name, args, kwargs):
         axis = ba.after_reduce(axis, dim, x.dim(), keepdim) or UNKNOWN
     for o in _flat(out):
         mode.mark(o, axis)
-    if name in ("std", "var", "prod", "cumprod", "norm", "median", "sort", "topk", "cummax", "cummin", "kthvalue", "mode", "nanmedian", "quantile"):
-        mode.report(name, "it has no DeepLIFT rule, so its plain gradient is used and the "
-                    "attributions may not sum to the output difference")
+    if name in ("std", "var", "prod"):  # reductions without a rule
+        mode.report(
+            name,
+            "it has no DeepLIFT rule, so its plain gradient is used and the "
+            "attributions may not sum to the output difference",
+        )
     return out
 
 
@@ -1237,7 +1255,13 @@ def _cat(mode, func, name, args, kwargs):
     ndim = out.dim()
     dim = dim % ndim if ndim else 0
     untracked = [t for t in tensors if t not in mode.axes]
-    if name in ("cat", "concat", "concatenate") and dim == 0 and tensors and len(untracked) == len(tensors) and all(t in mode.seeds for t in tensors):
+    if (
+        name in ("cat", "concat", "concatenate")
+        and dim == 0
+        and tensors
+        and len(untracked) == len(tensors)
+        and all(t in mode.seeds for t in tensors)
+    ):
         # An engine building the doubled batch cat([inputs, references]) from the model's
         # arguments (Captum's forward pre-hook).
         mode.mark(out, Axis(0, out.shape[0]))
@@ -1250,7 +1274,10 @@ def _cat(mode, func, name, args, kwargs):
         axis = _agree(axes, name)
         if axis is not UNKNOWN and axis.dim == dim:
             axis = UNKNOWN
-        if axis is not UNKNOWN and any(a is None and t.dim() > axis.dim and t.shape[axis.dim] != out.shape[axis.dim] for a, t in zip(axes, tensors)):
+        if axis is not UNKNOWN and any(
+            a is None and t.dim() > axis.dim and t.shape[axis.dim] != out.shape[axis.dim]
+            for a, t in zip(axes, tensors, strict=True)
+        ):
             axis = UNKNOWN
     mode.mark(out, axis)
     return out
