@@ -507,3 +507,39 @@ def test_an_index_that_depends_on_the_input_is_reported():
     x, r = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
     with pytest.warns(UnsupportedOpWarning, match="index tensor differs"), torch_handler.deeplift_mode(model):
         DeepLift(model).attribute(x, baselines=r, target=0)
+
+
+class PaddedAttention(nn.Module):
+    """The input used directly (a tanh skip path and a padding mask computed from it) around a GRU
+    and nn.MultiheadAttention with key_padding_mask."""
+
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.skip = nn.Linear(3, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        padding = x.abs().sum(-1) == 0  # only feeds a mask: no rule needed, nothing reported
+        h, _ = self.rnn(x)
+        a, _ = self.mha(h, h, h, key_padding_mask=padding, need_weights=self.need_weights)
+        return self.out(torch.tanh(a).mean(1) * torch.sigmoid(self.skip(torch.tanh(x)).mean(1)))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_the_input_itself_and_masks_computed_from_it(need_weights):
+    torch.manual_seed(10)
+    model = PaddedAttention(need_weights).double().eval()
+    x, r = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 3, dtype=torch.float64)
+    x[:, -1], r[:, -1] = 0, 0  # the same padding for each input and its reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(model, x, r)  # Captum builds cat([x, r]) in a forward pre-hook
+        torch_handler.register()
+        try:
+            values = shap.DeepExplainer(model, r).shap_values(x)  # shap passes the doubled batch
+        finally:
+            torch_handler.unregister()
+    assert error <= 1e-10 and values.shape == (3, 5, 3, 2)

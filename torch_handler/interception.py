@@ -498,14 +498,16 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             if _HAS_REDISPATCH:
                 with self:
                     return torch.overrides.redispatch_function(func, types, args, kwargs)
+            out = func(*args, **kwargs)
             if any(self.axis_of(t) is not None for t in _tensors(args, kwargs)):
-                self.report(
+                self.report_if_used(
+                    out,
                     name,
                     f"stepping into this Python composite needs torch >= {MINIMUM_TORCH} "
                     f"(torch.overrides.redispatch_function; found {torch.__version__}), so its "
                     "inner ops run without rules. Upgrade torch",
                 )
-            return self._follow_same_shape(func(*args, **kwargs), args, kwargs)
+            return self._follow_same_shape(out, args, kwargs)
         if not any(self.axis_of(t) is not None for t in _tensors(args, kwargs)):
             return func(*args, **kwargs)
         handler = _HANDLERS.get(name)
@@ -519,14 +521,13 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
 
     def _unknown(self, func, name, args, kwargs):
         out = func(*args, **kwargs)
-        floating = [o for o in _flat(out) if isinstance(o, Tensor) and o.is_floating_point()]
-        if floating:
-            self.report(
-                name,
-                "it has no DeepLIFT rule, so its plain gradient is used and the attributions "
-                "may not sum to the output difference. Replace it by ops with rules (see the "
-                "README's support table) or keep it out of the input-dependent path",
-            )
+        self.report_if_used(
+            out,
+            name,
+            "it has no DeepLIFT rule, so its plain gradient is used and the attributions "
+            "may not sum to the output difference. Replace it by ops with rules (see the "
+            "README's support table) or keep it out of the input-dependent path",
+        )
         return self._follow_same_shape(out, args, kwargs)
 
     def _follow_same_shape(self, out, args, kwargs):
@@ -539,6 +540,13 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             if isinstance(o, Tensor):
                 self.mark(o, self.axis_of(first) if o.shape == first.shape else UNKNOWN)
         return out
+
+    def report_if_used(self, out, name: str, why: str) -> None:
+        """:meth:`report` once a gradient reaches ``out`` (its first backward): an op whose
+        result only feeds masks, shapes or comparisons does not matter to the attributions."""
+        used = [o for o in _flat(out) if isinstance(o, Tensor) and o.requires_grad and o.is_floating_point()]
+        for o in used:
+            o.register_hook(lambda grad: self.report(name, why))
 
     def report(self, name: str, why: str) -> None:
         message = f"deeplift_mode: `{name}` on input-dependent tensors: {why}."
@@ -590,8 +598,11 @@ def _as_tensor(x, like: Tensor) -> Tensor:
     return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
 
 
-def _agree(axes, op) -> Axis:
+def _agree(axes) -> Axis:
+    """The common batch place of several operands (UNKNOWN if they disagree or one is unknown)."""
     axes = [a for a in axes if a is not None]
+    if not axes:
+        return None
     if any(a is UNKNOWN for a in axes) or len(set(axes)) > 1:
         return UNKNOWN
     return axes[0]
@@ -793,7 +804,7 @@ def _broadcast_axis(mode, operands, out, name) -> Axis:
         if op.shape[axis.dim] != out.shape[moved.dim]:
             moved = UNKNOWN
         axes.append(moved)
-    axis = _agree(axes, name)
+    axis = _agree(axes)
     if axis is UNKNOWN:
         raise DoubledBatchError(
             f"`{name}` combines input-dependent tensors whose doubled batches sit in different "
@@ -954,7 +965,7 @@ def _batched(mode, func, name, rule, operands, params, args, kwargs):
                 )
         expanded.append(e)
         axes.append(axis)
-    axis = _agree(axes, name)
+    axis = _agree(axes)
     if axis is UNKNOWN:
         raise DoubledBatchError(f"`{name}`: the operands' doubled batches sit in different dims.")
     out = _native(func, args, kwargs)
@@ -999,7 +1010,10 @@ def _sdpa(mode, func, name, args, kwargs):
     dropout = _arg(args, kwargs, 4, "dropout_p", 0.0)
     causal = _arg(args, kwargs, 5, "is_causal", False)
     scale = _arg(args, kwargs, 6, "scale")
-    if dropout or kwargs.get("enable_gqa") or mode.axis_of(mask) is not None:
+    if dropout or kwargs.get("enable_gqa"):
+        return mode._unknown(func, name, args, kwargs)
+    if mode.axis_of(mask) is not None and not _halves_equal(mode, mask, name):
+        # A mask computed from the input that differs within a pair selects different keys.
         return mode._unknown(func, name, args, kwargs)
     if mode.axis_of(q) is None and mode.axis_of(k) is None:
         return _linear_generic(mode, func, name, args, kwargs)  # linear in v
@@ -1192,7 +1206,8 @@ def _reduce(mode, func, name, args, kwargs):
     for o in _flat(out):
         mode.mark(o, axis)
     if name in ("std", "var", "prod"):  # reductions without a rule
-        mode.report(
+        mode.report_if_used(
+            out,
             name,
             "it has no DeepLIFT rule, so its plain gradient is used and the "
             "attributions may not sum to the output difference",
@@ -1206,7 +1221,8 @@ def _getitem(mode, func, name, args, kwargs):
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
     for i in index:
         if isinstance(i, Tensor) and mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
-            mode.report(
+            mode.report_if_used(
+                out,
                 "__getitem__",
                 "its index tensor differs between the input and its reference, so which values "
                 "are picked depends on the input and no rule covers that; index with "
@@ -1236,8 +1252,7 @@ def _select(mode, func, name, args, kwargs):
 def _split(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     x, axis = args[0], mode.axis_of(args[0])
-    default = 0 if name in ("unbind",) else 0
-    dim = _arg(args, kwargs, 1 if name == "unbind" else 2, "dim", default) % x.dim()
+    dim = _arg(args, kwargs, 1 if name == "unbind" else 2, "dim", 0) % x.dim()
     for o in out:
         if axis is UNKNOWN or dim == axis.dim:
             mode.mark(o, UNKNOWN)
@@ -1254,12 +1269,10 @@ def _cat(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     ndim = out.dim()
     dim = dim % ndim if ndim else 0
-    untracked = [t for t in tensors if t not in mode.axes]
     if (
         name in ("cat", "concat", "concatenate")
         and dim == 0
-        and tensors
-        and len(untracked) == len(tensors)
+        and len(tensors) > 1
         and all(t in mode.seeds for t in tensors)
     ):
         # An engine building the doubled batch cat([inputs, references]) from the model's
@@ -1269,9 +1282,9 @@ def _cat(mode, func, name, args, kwargs):
     axes = [mode.axis_of(t) for t in tensors]
     if name == "stack":
         axes = [None if a is None else (a if a is UNKNOWN else ba.after_insert(a, dim, ndim)) for a in axes]
-        axis = _agree(axes, name)
+        axis = _agree(axes)
     else:
-        axis = _agree(axes, name)
+        axis = _agree(axes)
         if axis is not UNKNOWN and axis.dim == dim:
             axis = UNKNOWN
         if axis is not UNKNOWN and any(
@@ -1288,14 +1301,16 @@ def _where(mode, func, name, args, kwargs):
         condition, operands = args[0], args[1:]
     else:  # masked_fill(x, mask, value)
         condition, operands = args[1], (args[0], args[2])
-    if mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name):
-        mode.report(
+    differs = mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name)
+    out = func(*args, **kwargs)
+    if differs:
+        mode.report_if_used(
+            out,
             name,
             "its condition differs between the input and its reference, so which branch a value "
             "takes depends on the input and no rule covers that; compute the condition from "
             "input-independent tensors, or replace the selection by arithmetic with rules",
         )
-    out = func(*args, **kwargs)
     tensors = [t for t in (condition, *operands) if isinstance(t, Tensor)]
     try:
         axis = _broadcast_axis(mode, [t for t in tensors if mode.axis_of(t) is not None], out, name)
