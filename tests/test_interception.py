@@ -543,3 +543,39 @@ def test_the_input_itself_and_masks_computed_from_it(need_weights):
         finally:
             torch_handler.unregister()
     assert error <= 1e-10 and values.shape == (3, 5, 3, 2)
+
+
+class BiLSTMTransformer(nn.Module):
+    """A bidirectional LSTM under two nn.TransformerEncoderLayer (attention, layer norms, GELU)."""
+
+    def __init__(self, batch_first: bool, norm_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = nn.LSTM(3, 8, batch_first=True, bidirectional=True)
+        layer = nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first, activation="gelu"
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        e = self.encoder(h)
+        if not self.batch_first:
+            e = e.transpose(0, 1)
+        return self.out(e[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_on_a_bidirectional_lstm(batch_first, norm_first, dtype):
+    torch.manual_seed(11)
+    model = BiLSTMTransformer(batch_first, norm_first).to(dtype).eval()
+    x, r = torch.randn(4, 4, 3, dtype=dtype), torch.randn(4, 4, 3, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        _, error = captum_error(model, x, r)
+    assert error <= BAR[dtype]
