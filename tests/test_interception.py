@@ -579,3 +579,16 @@ def test_transformer_encoder_on_a_bidirectional_lstm(batch_first, norm_first, dt
         warnings.simplefilter("error", UnsupportedOpWarning)
         _, error = captum_error(model, x, r)
     assert error <= BAR[dtype]
+
+
+def test_an_operand_written_in_place_after_its_op_raises():
+    def head(h):
+        g = h * 1.0
+        y = torch.tanh(g)
+        g.add_(1.0)  # the tanh rule would read the shifted values
+        return y.mean(1) + g.mean(1)
+
+    model = Cumprod(head).double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"), torch_handler.deeplift_mode(model):
+        DeepLift(model).attribute(x, baselines=r, target=0)

@@ -126,6 +126,21 @@ class Plan:
     params: dict = field(default_factory=dict)
     shapes: list = field(default_factory=list)  # per operand: its shape before any broadcast
     pair_axes: list | None = None  # per operand: where to split it (default: ``axes``)
+    versions: list = field(default_factory=list)  # operands' version counters when saved
+
+    def __post_init__(self):
+        self.versions = [op._version for op in self.operands]
+
+    def check_unmodified(self) -> None:
+        """Like autograd's saved tensors: an operand written in place after the op would make
+        the rule read the wrong values."""
+        for op, version in zip(self.operands, self.versions, strict=True):
+            if op._version != version:
+                raise RuntimeError(
+                    f"an operand of `{self.name}` was modified by an in-place operation after the "
+                    "op used it; its DeepLIFT rule needs the original values. Use the out-of-place "
+                    "form (e.g. x = x + y instead of x += y) for that tensor."
+                )
 
 
 class RuleFunction(torch.autograd.Function):
@@ -146,6 +161,7 @@ class RuleFunction(torch.autograd.Function):
 
 def apply_rule(plan: Plan, grad: Tensor) -> list:
     """Multipliers for every operand of ``plan`` (None for constants), in the operands' shapes."""
+    plan.check_unmodified()
     rule = rule_table()[plan.name]
     m = to_pairs(grad, plan.out_axis)
     if plan.kind == "elementwise":
