@@ -1082,13 +1082,16 @@ def _einsum(mode, func, name, args, kwargs):
 
 
 def _linear_fn(mode, func, name, args, kwargs):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    """F.linear with a constant weight: linear in x (and in a varying bias)."""
+    x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if mode.axis_of(w) is not None:
         return mode._unknown(func, name, args, kwargs)
     out = func(*args, **kwargs)
     axis = mode.axis_of(x)
     if axis is not None and axis is not UNKNOWN and axis.dim == x.dim() - 1:
-        axis = UNKNOWN
+        axis = UNKNOWN  # the batch was contracted over
+    if axis is None and isinstance(b, Tensor) and mode.axis_of(b) is not None:
+        axis = UNKNOWN if mode.axis_of(b) is UNKNOWN else ba.after_broadcast(b.dim(), mode.axis_of(b), out.dim())
     mode.mark(out, axis)
     return out
 
