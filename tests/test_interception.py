@@ -592,3 +592,51 @@ def test_an_operand_written_in_place_after_its_op_raises():
     x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="modified by an in-place operation"), torch_handler.deeplift_mode(model):
         DeepLift(model).attribute(x, baselines=r, target=0)
+
+
+def test_followed_batch_places_always_pair_the_right_rows():
+    """Random chains of reshapes (merges and splits of adjacent dims) and permutes of a tensor
+    whose elements hold their batch row: wherever the bookkeeping says the batch is, the pairs
+    it cuts are rows (j, j + N); where it cannot say, it says so."""
+    rng = np.random.default_rng(0)
+    followed = lost = 0
+    for _ in range(300):
+        ndim = int(rng.integers(2, 5))
+        shape = [int(rng.integers(1, 4)) for _ in range(ndim)]
+        size = 2 * int(rng.integers(1, 4))
+        d = int(rng.integers(0, ndim))
+        shape[d] = size
+        view = [1] * ndim
+        view[d] = size
+        t = torch.arange(size).view(view).expand(shape).clone()
+        axis = Axis(d, size)
+        for _ in range(4):
+            if rng.random() < 0.5:
+                order = list(rng.permutation(t.dim()))
+                axis, t = ba.after_permute(axis, order), t.permute(order)
+            else:
+                new_shape = _random_regrouping(rng, tuple(t.shape))
+                axis, t = ba.after_reshape(tuple(t.shape), axis, new_shape), t.reshape(new_shape)
+            if axis is None:
+                break
+        if axis is None:
+            lost += 1
+            continue
+        followed += 1
+        pairs = to_pairs(t, axis)
+        n = size // 2
+        for j in range(n):
+            assert torch.all(pairs[0, j] == j) and torch.all(pairs[1, j] == j + n)
+    assert followed > 100 and lost > 10  # both outcomes exercised
+
+
+def _random_regrouping(rng, shape):
+    """Merge two adjacent dims or split one dim into two factors (row-major reshapes)."""
+    shape = list(shape)
+    k = int(rng.integers(0, len(shape)))
+    if rng.random() < 0.5 and k + 1 < len(shape):
+        return tuple(shape[:k] + [shape[k] * shape[k + 1]] + shape[k + 2 :])
+    n = shape[k]
+    factors = [f for f in range(1, n + 1) if n % f == 0]
+    f = int(rng.choice(factors))
+    return tuple(shape[:k] + [f, n // f] + shape[k + 1 :])
