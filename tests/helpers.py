@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import torch_handler
+from torch_handler.additivity import tolerance_for
 
 
 def as_list(x):
@@ -45,7 +46,8 @@ def explain(model, background, X, **kwargs):
         torch_handler.unregister()
 
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# The project's one definition of "exact", per dtype.
+TOLERANCE = {dtype: tolerance_for(dtype) for dtype in (torch.float64, torch.float32)}
 
 
 class ModuleState(NamedTuple):

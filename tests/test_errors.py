@@ -1,4 +1,4 @@
-"""Bad input and failures: clear errors, nothing leaked, nothing silently wrong (issue 8)."""
+"""Bad input and failures: clear errors, nothing leaked, nothing silently wrong."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from torch import nn
 
 import torch_handler
 from torch_handler import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
+from torch_handler.interception import UnsupportedOpWarning
+from torch_handler.mode import is_active
+from torch_handler.registry import TORCH_FORWARD
 
 
 class Classifier(nn.Module):
@@ -146,20 +149,24 @@ def test_deeplift_mode_warns_on_a_model_without_recurrent_layers():
 # --- nothing silently wrong ----------------------------------------------------------------
 
 
-class FunctionalSigmoid(Classifier):
+class CumulativeGate(Classifier):
+    """torch.cumprod has no DeepLIFT rule (a running product over the time steps)."""
+
     def forward(self, x):
         out, _ = self.lstm(x)
-        return self.head(torch.sigmoid(out[:, -1] * 5.0))
+        return self.head(torch.cumprod(torch.sigmoid(5.0 * out), dim=1)[:, -1])
 
 
 def test_unhandled_functional_op_fails_the_additivity_check_with_per_sample_errors():
     torch.manual_seed(0)
-    model = FunctionalSigmoid().double().eval()
+    model = CumulativeGate().double().eval()
     background, X = data(n=8)
-    with pytest.raises(AdditivityError, match=r"relative error per sample \[.*torch\.relu"):
-        explain(model, background, X)
+    with pytest.warns(UnsupportedOpWarning, match="`cumprod`"):
+        with pytest.raises(AdditivityError, match=r"relative error per sample \[.*functional cumprod in"):
+            explain(model, background, X)
     # The same model is explained (approximately) when the user opts out.
-    values = explain(model, background, X, check_additivity=False)
+    with pytest.warns(UnsupportedOpWarning, match="`cumprod`"):
+        values = explain(model, background, X, check_additivity=False)
     assert values.shape == (2, 5, 3, 2)
 
 
@@ -230,9 +237,10 @@ def test_exception_inside_deeplift_mode_restores_forwards():
     model = Classifier().double().eval()
     with pytest.raises(KeyError):
         with torch_handler.deeplift_mode(model):
-            assert "forward" in model.lstm.__dict__
+            assert is_active(model.lstm) and "forward" not in model.lstm.__dict__
             raise KeyError("user code failed")
-    assert "forward" not in model.lstm.__dict__
+    assert not is_active(model.lstm) and "forward" not in model.lstm.__dict__
+    assert nn.LSTM.forward is TORCH_FORWARD[nn.LSTM]
 
 
 def test_register_and_unregister_are_idempotent_and_restore_shap_exactly():
@@ -276,7 +284,9 @@ def test_register_and_unregister_are_safe_across_threads():
     assert "LSTM" not in deep_pytorch.op_handler
 
 
-def test_handler_called_outside_the_rule_raises_instead_of_passing_plain_gradients():
+def test_handler_reached_outside_the_rule_behaves_like_shap_without_the_handler():
+    # Only a shap_values call that did not go through register()'s wrapper can reach it; it
+    # warns and passes the gradient on (raising would make shap leak its hooks).
     cell = nn.LSTMCell(3, 2)
-    with pytest.raises(UnsupportedConfigurationError, match="deeplift_mode"):
-        torch_handler.lstm_cell_handler(cell, (None,), (None,))
+    with pytest.warns(UserWarning, match="not running the DeepLIFT rule.*deeplift_mode"):
+        assert torch_handler.lstm_cell_handler(cell, (None,), (None,)) is None

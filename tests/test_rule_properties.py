@@ -1,5 +1,5 @@
-"""Property tests of the rule functions at extremes (issue 8) and of the public API's promise
-that nothing changes outside an explanation (issue 3)."""
+"""Property tests of the rule functions at extremes and of the public API's promise
+that nothing changes outside an explanation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_handler
+from torch_handler import UnsupportedConfigurationError
+from torch_handler.mode import is_active
+from torch_handler.registry import TORCH_FORWARD
 from torch_handler.rules import rescale_relu, rescale_sigmoid, rescale_tanh
 
 EPS = torch.finfo(torch.float64).eps
@@ -122,19 +125,20 @@ def test_nested_modes_and_register_restore_only_at_the_outermost_exit():
     torch_handler.register()
     try:
         with torch_handler.deeplift_mode(lstm):
-            inner_forward = lstm.__dict__["forward"]
             with torch_handler.deeplift_mode(lstm):
-                assert lstm.__dict__["forward"] is inner_forward
-            assert lstm.__dict__["forward"] is inner_forward
-        assert "forward" not in lstm.__dict__
+                assert is_active(lstm)
+            assert is_active(lstm) and nn.LSTM.forward is not TORCH_FORWARD[nn.LSTM]
+        assert not is_active(lstm) and "forward" not in lstm.__dict__
+        assert nn.LSTM.forward is TORCH_FORWARD[nn.LSTM]
     finally:
         torch_handler.unregister()
 
 
-def test_an_instance_level_forward_is_restored_exactly():
+def test_an_instance_level_forward_is_refused_and_left_in_place():
     lstm = nn.LSTM(3, 4)
     custom = lstm.forward  # e.g. another tool had patched the instance
     lstm.forward = custom
-    with torch_handler.deeplift_mode(lstm):
-        assert lstm.__dict__["forward"] is not custom
+    with pytest.raises(UnsupportedConfigurationError, match="instance-level forward"):
+        with torch_handler.deeplift_mode(lstm):
+            pass
     assert lstm.__dict__["forward"] is custom

@@ -1,4 +1,4 @@
-"""nn.LSTMCell explained end to end through the real shap.DeepExplainer (issue 3)."""
+"""nn.LSTMCell explained end to end through the real shap.DeepExplainer."""
 
 from __future__ import annotations
 

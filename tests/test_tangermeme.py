@@ -21,7 +21,8 @@ as ``rule(module, grad_input, grad_output)`` from a full backward hook, with the
 cached ``inputs[0]`` and output tensor. For nn.LSTM / GRU / RNN and nn.LSTMCell the output is
 a tuple (tangermeme's forward hook calls ``outputs.requires_grad`` on it and fails), the
 initial state ``hx`` is never cached, and a full backward hook only sees top-level tensors,
-so multipliers for ``h0``/``c0`` and for ``h_n`` read by the head cannot pass (RULES.md §3).
+so multipliers for ``h0``/``c0`` and for ``h_n`` read by the head cannot pass (the README's
+"How it works" says why an autograd Function is needed).
 ``test_additional_nonlinear_ops_cannot_carry_the_rule`` records the failure.
 
 Errors are relative to the scale of the model's outputs, max |f| over inputs and references.

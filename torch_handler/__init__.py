@@ -8,12 +8,15 @@ Two verbs cover the engines:
   ``cat([inputs, references])``: Captum's DeepLift / DeepLiftShap, tangermeme's
   deep_lift_shap, or shap itself.
 
-The rule for each cell type lives in :mod:`torch_handler.rules`.
+Explaining is private to the calling context (thread, asyncio task): other threads, copies
+and saved models keep torch's own forward. :func:`current_explanation` says what the current
+context explains. The rule for each cell type lives in :mod:`torch_handler.rules`; the
+supported classes are declared once, in :mod:`torch_handler.registry`.
 """
 
-from .errors import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
-from .mode import deeplift_mode, recurrent_modules
-from .modules import SUPPORTED_MODULES
+from .errors import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
+from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
+from .registry import REGISTRY, SUPPORTED_MODULES
 from .shap_integration import (
     gru_cell_handler,
     gru_handler,
@@ -31,8 +34,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditivityError",
     "DoubledBatchError",
+    "Explanation",
+    "NonFiniteError",
+    "REGISTRY",
     "SUPPORTED_MODULES",
     "UnsupportedConfigurationError",
+    "current_explanation",
     "deeplift_mode",
     "gru_cell_handler",
     "gru_handler",

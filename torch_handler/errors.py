@@ -19,3 +19,11 @@ class AdditivityError(AssertionError):
 
     Subclasses AssertionError so code that caught shap's own additivity assertion keeps working.
     """
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf arose inside a recurrent module while explaining (in its forward values or in
+    the DeepLIFT multipliers), although its inputs were finite: the attributions would be NaN.
+
+    Subclasses ValueError, the type raised for non-finite inputs, so one ``except`` covers both.
+    """

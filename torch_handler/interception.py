@@ -1664,3 +1664,16 @@ _HANDLERS.update(
         },
     }
 )
+
+# Handlers whose op has no DeepLIFT rule: they follow the batch and report the op.
+_REPORTING_HANDLERS = {"std", "var", "prod"}
+
+
+def handles_call(name: str) -> bool:
+    """Whether a torch function named ``name`` (``tanh``, ``__mul__``, ``relu_``, ...) runs an
+    exact rule, or is linear, when it meets input-dependent tensors inside an explained model.
+
+    For diagnostics that name the calls a model makes without a rule.
+    """
+    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    return name in _STEP_INTO or (base in _HANDLERS and base not in _REPORTING_HANDLERS)

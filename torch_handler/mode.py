@@ -1,36 +1,81 @@
 """``deeplift_mode``: the one switch every engine integration goes through.
 
-Inside the context, each supported recurrent module of the model runs its DeepLIFT forward
-(:mod:`torch_handler.modules`); on exit, normally or by an exception, each module gets back
-exactly the ``forward`` it had (an instance-level override included), with no extra
-attributes, hooks or changed flags. Entering twice (nested contexts, or ``register()``'s shap
-wrapper around a user's own context) is counted per module, so only the outermost exit
-restores.
+Inside the context, the supported recurrent modules of the model run their DeepLIFT forward
+(:mod:`torch_handler.modules`), **for this explanation only**. Nothing is stored on the model
+or its modules: which modules explain is per-context state (a :class:`contextvars.ContextVar`),
+so
+
+* another thread using the same model at the same time (a training loop, a server) gets
+  torch's own forward and gradients, weight gradients included;
+* ``copy.deepcopy(model)`` and ``torch.save(model)`` inside the context see a plain model, and
+  the copy or the loaded model behaves natively;
+* nested contexts, and ``register()``'s shap wrapper around a user's own context, just add to
+  the active set and take it back on exit.
+
+Mechanism. While at least one explanation is active anywhere in the process, each class of
+:data:`torch_handler.registry.REGISTRY` has its ``forward`` replaced by a small dispatcher
+(installed by the first explanation to start, removed by the last to end, under a lock). The
+dispatcher runs the DeepLIFT forward when the module is in the *current context's* active set
+and gradients are enabled, and torch's own forward otherwise. A class-level dispatcher rather
+than an instance attribute is what makes the choice per caller: an instance attribute is seen
+by every thread and copied by every deepcopy / pickle. A context variable rather than a
+thread-local follows the explanation into asyncio tasks and ``contextvars.copy_context()``.
+Engines run the model's forward in the thread that entered the context (shap, Captum and
+tangermeme all do); a forward run in another thread (``nn.DataParallel``) is not explained.
+
+Integrations that need to know what the current context explains (for instance an operation
+interception layer that must only act inside the explained model) use
+:func:`current_explanation`; per-context state is entered and left in one place,
+:func:`_explaining`.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import threading
 import types
 import warnings
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from . import interception
 from .errors import UnsupportedConfigurationError
-from .modules import SUPPORTED_MODULES, check_supported, deeplift_forward_for
+from .modules import check_supported, deeplift_forward_for
+from .registry import REGISTRY, SUPPORTED_MODULES, TORCH_FORWARD
 
-_MISSING = object()
-_lock = threading.RLock()
-# module -> [depth, the instance-level forward it had before (or _MISSING)]. Weak keys: a
-# model dropped inside the context leaves nothing behind here.
-_active: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
+class Explanation(NamedTuple):
+    """What the current context explains (see :func:`current_explanation`).
+
+    model: the root module passed to :func:`deeplift_mode`; modules: every recurrent module
+    that runs the DeepLIFT forward in this context (this explanation's and any enclosing
+    one's), mapped to its qualified name in its model (``""`` for a root); options: read-only
+    settings of this explanation (empty today; the place where integrations record theirs);
+    parent: the enclosing explanation in this context, or None.
+    """
+
+    model: nn.Module
+    modules: Mapping[nn.Module, str]
+    options: Mapping[str, object]
+    parent: Explanation | None
+
+
+_current: contextvars.ContextVar[Explanation | None] = contextvars.ContextVar(
+    "torch_handler_explanation", default=None
+)
+
+
+def current_explanation() -> Explanation | None:
+    """The innermost explanation active in the calling context, or None outside any.
+
+    Per context (thread, asyncio task): another thread running the same model gets None.
+    """
+    return _current.get()
 
 
 def recurrent_modules(model: nn.Module) -> list[nn.Module]:
@@ -39,9 +84,189 @@ def recurrent_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def is_active(module: nn.Module) -> bool:
-    """Whether ``module`` currently runs its DeepLIFT forward."""
-    with _lock:
-        return module in _active
+    """Whether ``module`` runs its DeepLIFT forward in the calling context."""
+    explanation = _current.get()
+    return explanation is not None and module in explanation.modules
+
+
+def module_label(module: nn.Module) -> str:
+    """``"name (Type)"`` of a module of the current explanation (``"Type"`` outside one)."""
+    explanation = _current.get()
+    name = explanation.modules.get(module) if explanation is not None else None
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+
+# --------------------------------------------------------------------------------------
+# The class-level dispatcher
+# --------------------------------------------------------------------------------------
+
+_install_lock = threading.Lock()
+_install_count = 0  # explanations active in the whole process, every thread together
+
+
+def _make_dispatcher(cls: type[nn.Module]):
+    torch_handler_native = TORCH_FORWARD[cls]
+    torch_handler_current = _current
+    torch_handler_deeplift_for = deeplift_forward_for
+
+    def forward(self, *args, **kwargs):
+        explanation = torch_handler_current.get()
+        if explanation is not None and self in explanation.modules:
+            return torch_handler_deeplift_for(self)(self, *args, **kwargs)
+        return torch_handler_native(self, *args, **kwargs)
+
+    # torch.jit.script, run on an nn.LSTM by anyone while an explanation is active, reads the
+    # source through __wrapped__ (torch's forward) but resolves its names in this function's
+    # globals and closure: give it torch's globals (the closure names above cannot collide).
+    forward = types.FunctionType(forward.__code__, torch_handler_native.__globals__, forward.__name__,
+                                 forward.__defaults__, forward.__closure__)
+    return functools.wraps(torch_handler_native)(forward)
+
+
+_DISPATCHERS = {entry.cls: _make_dispatcher(entry.cls) for entry in REGISTRY}
+
+
+def _check_class_forwards() -> None:
+    """Refuse when another library replaced a supported class's forward at class level: the
+    modules would not compute torch's equations, which is all the rule knows."""
+    for cls, native in TORCH_FORWARD.items():
+        current = vars(cls)["forward"]
+        if current is not native and current is not _DISPATCHERS[cls]:
+            raise UnsupportedConfigurationError(
+                f"nn.{cls.__name__}.forward has been replaced at class level ({current!r}); the "
+                "DeepLIFT rule only knows torch's own equations. Undo that patch before explaining."
+            )
+
+
+def _install_dispatchers() -> None:
+    global _install_count
+    with _install_lock:
+        _check_class_forwards()  # at every entry: a patch may come while others explain
+        if _install_count == 0:
+            for cls, dispatcher in _DISPATCHERS.items():
+                cls.forward = dispatcher
+        _install_count += 1
+
+
+def _remove_dispatchers() -> None:
+    global _install_count
+    with _install_lock:
+        _install_count -= 1
+        if _install_count == 0:
+            for cls, native in TORCH_FORWARD.items():
+                if vars(cls)["forward"] is _DISPATCHERS[cls]:  # never undo someone else's patch
+                    cls.forward = native
+
+
+@contextmanager
+def _explaining(model: nn.Module, names: Mapping[nn.Module, str], options: Mapping[str, object]):
+    """Enter and leave one explanation's per-context state: the single place to extend."""
+    parent = _current.get()
+    modules = dict(parent.modules) if parent is not None else {}
+    for module, name in names.items():
+        modules.setdefault(module, name)
+    explanation = Explanation(model, types.MappingProxyType(modules), types.MappingProxyType(dict(options)), parent)
+    _install_dispatchers()
+    token = _current.set(explanation)
+    try:
+        yield explanation
+    finally:
+        _current.reset(token)
+        _remove_dispatchers()
+
+
+# --------------------------------------------------------------------------------------
+# Checks before anything is changed
+# --------------------------------------------------------------------------------------
+
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+# torch's recurrent ops as they appear in a TorchScript graph (traced or scripted).
+_RECURRENT_OPS = ("aten::lstm", "aten::gru", "aten::rnn_tanh", "aten::rnn_relu", "aten::lstm_cell",
+                  "aten::gru_cell", "aten::rnn_tanh_cell", "aten::rnn_relu_cell")
+
+
+def _label(name: str, module: nn.Module, model: nn.Module) -> str:
+    return f"{name} ({type(module).__name__})" if name else type(model).__name__
+
+
+def _mixes_batch_rows(module: nn.Module) -> bool:
+    """Whether ``module`` computes with statistics over the batch (or updates running
+    statistics from it) as configured: its output for one row depends on the other rows, so
+    inputs and references would be normalised together and the model would change."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # BatchNorm uses batch statistics in training mode, and also in eval mode when it
+        # tracks no running statistics (torch's own rule for `bn_training`).
+        return module.training or module.running_mean is None
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        # Per-sample statistics, but in training mode with track_running_stats it writes the
+        # batch's statistics into running_mean / running_var.
+        return module.training and module.track_running_stats
+    return False
+
+
+def _scripted_recurrent_ops(module: torch.jit.ScriptModule) -> list[str]:
+    """The recurrent aten ops in any method of a TorchScript module, submodules inlined.
+
+    Every method, not just ``forward``: a scripted nn.LSTM compiles its overloads as
+    ``forward__0`` / ``forward__1``. Uses TorchScript's (private, stable since torch 1.x)
+    method table; any failure to read it propagates, and the caller refuses the module.
+    """
+    found = set()
+    for method in module._c._method_names():
+        graph = module._c._get_method(method).graph.copy()
+        torch._C._jit_pass_inline(graph)
+        found.update(node.kind() for op in _RECURRENT_OPS for node in graph.findAllNodes(op, True))
+    return sorted(found)
+
+
+def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None:
+    """TorchScript submodules (torch.jit.trace / torch.jit.script) hide their modules: the
+    recurrent ones inside cannot run the rule and would get plain gradients. Refused when
+    their graph holds a recurrent op (or cannot be read); accepted otherwise (their other
+    operations are handled, or not, by the engine exactly like any other module's)."""
+    label = _label(name, module, model)
+    try:
+        ops = _scripted_recurrent_ops(module)
+    except Exception as error:  # no forward graph to read: we cannot know what it computes
+        raise UnsupportedConfigurationError(
+            f"{label} is a TorchScript module whose graph cannot be inspected ({error}); it may "
+            "hide a recurrent layer that would get plain gradients. Explain the eager "
+            "(non-scripted, non-traced) model instead."
+        ) from error
+    if ops:
+        raise UnsupportedConfigurationError(
+            f"{label} is a TorchScript (traced or scripted) module running {', '.join(ops)}: "
+            "the DeepLIFT rule cannot reach inside TorchScript, so that layer would get plain "
+            "gradients and the attributions would miss f(x) − E f. Explain the eager model "
+            "(the nn.Module before torch.jit.trace / torch.jit.script) instead."
+        )
+
+
+def _check_model(model: nn.Module, names: Mapping[nn.Module, str]) -> None:
+    """Raise UnsupportedConfigurationError for anything the explanation cannot serve exactly,
+    before anything is changed."""
+    for module, name in names.items():
+        check_supported(module, name)
+    for name, module in model.named_modules():
+        label = _label(name, module, model)
+        if isinstance(module, torch.jit.ScriptModule):
+            _check_script_module(name, module, model)
+        elif isinstance(module, _DROPOUT) and module.training and module.p > 0:
+            raise UnsupportedConfigurationError(
+                f"{label} is a {type(module).__name__}(p={module.p}) in "
+                "training mode: inputs and references would get different random masks and the "
+                "attributions would be random. Call model.eval() before explaining."
+            )
+        elif _mixes_batch_rows(module):
+            raise UnsupportedConfigurationError(
+                f"{label} computes batch statistics as configured (training mode, or no running "
+                "statistics): inputs and references would be normalised together, the "
+                "attributions would not explain the model, and its running statistics would be "
+                "overwritten. Call model.eval() (with track_running_stats=True) before explaining."
+            )
 
 
 class ModelSnapshot:
@@ -52,6 +277,8 @@ class ModelSnapshot:
     ``input``/``output`` it stores on nn.ReLU in its backward hook). Taken before the call,
     ``restore()`` removes hook ids, Parameters (shap stores ``module.x`` as one) and
     attributes added since, and resets the training and full-backward-hook flags.
+    TorchScript modules are left alone: their hooks and attributes live in C++ tables that
+    engines cannot add Python entries to.
     """
 
     _ADDED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_parameters")
@@ -65,6 +292,7 @@ class ModelSnapshot:
                 module.training,
             )
             for module in model.modules()
+            if not isinstance(module, torch.jit.ScriptModule)
         }
 
     def restore(self) -> None:
@@ -79,21 +307,10 @@ class ModelSnapshot:
             module.training = training
 
 
-def _check_model(model: nn.Module, modules: list[nn.Module]) -> None:
-    for module in modules:
-        check_supported(module)
-    for name, module in model.named_modules():
-        if isinstance(module, _DROPOUT) and module.training and module.p > 0:
-            raise UnsupportedConfigurationError(
-                f"{name or type(model).__name__} is a {type(module).__name__}(p={module.p}) in "
-                "training mode: inputs and references would get different random masks and the "
-                "attributions would be random. Call model.eval() before explaining."
-            )
-
-
 @contextmanager
 def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]:
-    """Make every recurrent module of ``model`` apply the exact DeepLIFT rule.
+    """Make every recurrent module of ``model`` apply the exact DeepLIFT rule, for the calling
+    context only (other threads, copies and saved models stay native).
 
     For any engine that runs the doubled batch ``cat([inputs, references])`` (shap's
     DeepExplainer, Captum's DeepLift / DeepLiftShap, tangermeme's deep_lift_shap)::
@@ -103,9 +320,12 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
 
     Supported: nn.LSTM, nn.GRU, nn.RNN (any layers, bidirectional, batch_first, proj_size,
     bias, packed sequences) and nn.LSTMCell, nn.GRUCell, nn.RNNCell, in float32 and float64.
-    Raises UnsupportedConfigurationError for a configuration the rule does not cover
-    (modules overriding forward, half precision, dropout active in training mode); warns if
-    the model has no recurrent module. Yields the model itself.
+    Raises UnsupportedConfigurationError, before changing anything, for a configuration the
+    rule does not cover: a recurrent module overriding forward (by subclass or on the
+    instance), half precision, dropout active in training mode, a module computing batch
+    statistics (BatchNorm in training mode), a TorchScript submodule running a recurrent op.
+    While explaining, a recurrent module whose values or multipliers become NaN / Inf raises
+    NonFiniteError naming it. Warns if the model has no recurrent module. Yields the model.
 
     If the body raises, the model also loses whatever hooks, attributes and flags the engine
     had added to it before failing (see :class:`ModelSnapshot`).
@@ -114,50 +334,28 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
     nn.MultiheadAttention, norms, gates) run exact rules too
     (:mod:`torch_handler.interception`); an op without a rule on input-dependent tensors is
     named in an ``UnsupportedOpWarning``, or raises ``UnsupportedOpError`` with
-    ``strict=True``. A model without recurrent modules is left to the engine's own rules.
+    ``strict=True`` (an enclosing explanation's ``strict=True`` carries into nested ones, such
+    as ``register()``'s shap wrapper). A model without recurrent modules is left to the
+    engine's own rules.
     """
-    modules = recurrent_modules(model)
-    if not modules:
+    names = {m: name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
+    _check_model(model, names)
+    if not names:
         warnings.warn(
             f"deeplift_mode: {type(model).__name__} has no nn.LSTM/GRU/RNN or cell module; "
             "nothing to change (the engine's own rules apply).",
             UserWarning,
             stacklevel=3,
         )
-    _check_model(model, modules)
-    entered: list[nn.Module] = []
-    snapshot = None
-    try:
-        with _lock:
-            for module in modules:
-                record = _active.get(module)
-                if record is None:
-                    previous = module.__dict__.get("forward", _MISSING)
-                    forward = deeplift_forward_for(module)
-                    module.forward = types.MethodType(forward, module)
-                    _active[module] = [1, previous]
-                else:
-                    record[0] += 1
-                entered.append(module)
-        # Taken after the forwards are swapped, so restoring leaves those to `finally`.
+    parent = _current.get()
+    strict = strict or bool(parent is not None and parent.options.get("strict"))
+    with _explaining(model, names, {"strict": True} if strict else {}):
         snapshot = ModelSnapshot(model)
-        # --- interception of the ops around the recurrent modules (torch_handler.interception)
-        with interception.intercepting(model, modules, strict=strict):
-            yield model
-        # --- end interception
-    except BaseException:
-        if snapshot is not None:
+        try:
+            # --- interception of the ops around the recurrent modules (torch_handler.interception)
+            with interception.intercepting(model, list(names), strict=strict):
+                yield model
+            # --- end interception
+        except BaseException:
             snapshot.restore()
-        raise
-    finally:
-        with _lock:
-            for module in entered:
-                record = _active[module]
-                record[0] -= 1
-                if record[0] == 0:
-                    previous = record[1]
-                    if previous is _MISSING:
-                        del module.__dict__["forward"]
-                    else:
-                        module.__dict__["forward"] = previous
-                    del _active[module]
+            raise

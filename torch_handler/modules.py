@@ -1,7 +1,8 @@
 """DeepLIFT forwards for torch's recurrent modules.
 
-While a model is in :func:`torch_handler.deeplift_mode`, each supported module's ``forward``
-is one of the functions below: the same outputs as torch's own forward (same shapes, same
+While a model is in :func:`torch_handler.deeplift_mode`, each of its supported modules runs
+one of the functions below, for that explanation only (see :mod:`torch_handler.mode` for the
+dispatch): the same outputs as torch's own forward (same shapes, same
 values up to rounding), computed through :class:`~torch_handler.function.RecurrentRuleFunction`
 so that backward yields DeepLIFT multipliers. Layers, directions, projections, packed
 sequences and the initial states are plain tensor plumbing around that Function; the cell
@@ -17,44 +18,121 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .errors import DoubledBatchError, UnsupportedConfigurationError
+from .errors import DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
 from .function import RecurrentRuleFunction
-from .rules import GRURule, LSTMRule, RNNRule
+from .registry import REGISTRY, TORCH_FORWARD, entry_for
 
-SEQUENCE_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
-CELL_MODULES = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-SUPPORTED_MODULES = SEQUENCE_MODULES + CELL_MODULES
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def rule_for(module: nn.Module):
-    """The rule object of a supported recurrent module."""
-    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
-        return LSTMRule()
-    if isinstance(module, (nn.GRU, nn.GRUCell)):
-        return GRURule()
-    if isinstance(module, (nn.RNN, nn.RNNCell)):
-        return RNNRule(module.nonlinearity)
-    raise UnsupportedConfigurationError(f"no DeepLIFT rule for {type(module).__name__}")
+    """The rule object of a supported recurrent module (from :mod:`torch_handler.registry`)."""
+    entry = entry_for(module)
+    if entry is None:
+        raise UnsupportedConfigurationError(f"no DeepLIFT rule for {type(module).__name__}")
+    return entry.rule(module)
 
 
-def check_supported(module: nn.Module) -> None:
-    """Raise UnsupportedConfigurationError for a recurrent module the rule cannot serve."""
-    base = next(cls for cls in SUPPORTED_MODULES if isinstance(module, cls))
-    if type(module).forward is not base.forward:
+def forward_owner(module: nn.Module) -> type:
+    """The class whose ``forward`` an instance of ``type(module)`` runs (first in the MRO).
+
+    Read from the class dictionaries rather than compared as attributes, so the answer does
+    not depend on whether :mod:`torch_handler.mode` has installed its dispatcher on the base.
+    """
+    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
+
+
+def check_supported(module: nn.Module, name: str | None = None) -> None:
+    """Raise UnsupportedConfigurationError for a recurrent module the rule cannot serve.
+
+    ``name``: the module's qualified name in the explained model, for the message.
+    """
+    base = entry_for(module).cls
+    label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+    if forward_owner(module) is not base:
         raise UnsupportedConfigurationError(
-            f"{type(module).__name__} subclasses nn.{base.__name__} and overrides forward(); the "
+            f"{label} subclasses nn.{base.__name__} and overrides forward(); the "
             "DeepLIFT rule only knows torch's own equations. Call an unmodified "
             f"nn.{base.__name__} inside your model instead of overriding its forward."
+        )
+    if "forward" in vars(module):
+        # An instance-level forward (a monkeypatch, a device-placement wrapper) runs instead of
+        # the class's: the module would compute something the rule does not know, and the
+        # engine would explain another function than the one the model computes.
+        raise UnsupportedConfigurationError(
+            f"{label} has an instance-level forward ({vars(module)['forward']!r}) replacing "
+            f"nn.{base.__name__}.forward; the DeepLIFT rule only knows torch's own equations. "
+            f"Remove it before explaining (del <module>.forward) or explain an unwrapped copy."
         )
     dtypes = {p.dtype for p in module.parameters()}
     bad = [d for d in dtypes if d not in SUPPORTED_DTYPES]
     if bad:
         raise UnsupportedConfigurationError(
-            f"{type(module).__name__} has {bad[0]} parameters; exact DeepLIFT is supported in "
+            f"{label} has {bad[0]} parameters; exact DeepLIFT is supported in "
             "float32 and float64 only (half precision cannot keep the summation-to-delta "
             "property). Cast the model and inputs with model.float() or model.double()."
         )
+
+
+def _label(module: nn.Module) -> str:
+    """``name (Type)`` of a module in the current explanation, for error messages."""
+    from .mode import module_label  # mode imports this module: resolved at call time
+
+    return module_label(module)
+
+
+class _FiniteMultipliers(torch.autograd.Function):
+    """Identity in forward; in backward, raise NonFiniteError if a multiplier is NaN or Inf.
+
+    ``apply(message, *tensors) -> tensors`` (views). Put on a recurrent module's inputs it
+    checks the multipliers the rule hands back; on its outputs, those that reach it from the
+    rest of the model. Without it a float32 overflow inside the layer yields NaN attributions
+    that every engine returns silently.
+    """
+
+    @staticmethod
+    def forward(ctx, message, *tensors):
+        ctx.message = message
+        return tensors[0].view_as(tensors[0]) if len(tensors) == 1 else tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        for grad in grads:
+            if grad is not None and not torch.isfinite(grad).all():
+                raise NonFiniteError(ctx.message)
+        return (None, *grads)
+
+
+def _guard_inputs(module: nn.Module, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    if not any(t.requires_grad for t in tensors):
+        return tensors
+    guarded = _FiniteMultipliers.apply(
+        f"{_label(module)}: the DeepLIFT multipliers it computed are NaN or Inf. Its values "
+        "overflowed or cancelled catastrophically inside the layer (typically a relu recurrence "
+        "growing without bound in float32). Explain in float64 (model.double(), inputs "
+        ".double()) or rescale the inputs / weights.",
+        *tensors,
+    )
+    return guarded if isinstance(guarded, tuple) else (guarded,)
+
+
+def _guard_outputs(module: nn.Module, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Raise NonFiniteError now if a forward value is NaN or Inf; check incoming multipliers
+    in backward."""
+    for tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteError(
+                f"{_label(module)}: its outputs contain NaN or Inf although its inputs are "
+                "finite: the recurrence overflowed inside the layer (typically a relu RNN "
+                "growing without bound in float32). DeepLIFT values would be NaN. Explain in "
+                "float64 (model.double(), inputs .double()) or rescale the inputs / weights."
+            )
+    guarded = _FiniteMultipliers.apply(
+        f"{_label(module)}: the multipliers reaching it from the layers after it are NaN or "
+        "Inf; the non-finite values arise downstream of this module, in the model's head.",
+        *tensors,
+    )
+    return guarded if isinstance(guarded, tuple) else (guarded,)
 
 
 def _check_input(module: nn.Module, x: Tensor, what: str) -> None:
@@ -146,6 +224,7 @@ def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], lengths: Ten
 def _unpack(module, packed: PackedSequence):
     """Padded (T, B, F) input in the original batch order, and the lengths (B,) on its device."""
     x, lengths = pad_packed_sequence(packed, batch_first=False)
+    _check_doubled(module, x.shape[1])
     n = x.shape[1] // 2
     if not torch.equal(lengths[:n], lengths[n:]):
         raise UnsupportedConfigurationError(
@@ -169,16 +248,26 @@ def _repack(out: Tensor, packed: PackedSequence) -> PackedSequence:
     return PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
+def _states(entry, hx) -> tuple:
+    """``hx`` as a tuple of state tensors: ``(h, c)`` for two-state cells, ``(h,)`` otherwise."""
+    return tuple(hx) if entry.num_states == 2 else (hx,)
+
+
+def _as_hx(entry, states: tuple):
+    """The inverse of :func:`_states`: what torch's forward returns as the state."""
+    return tuple(states) if entry.num_states == 2 else states[0]
+
+
 def sequence_forward(module: nn.Module, input, hx=None):
     """DeepLIFT forward of nn.LSTM / nn.GRU / nn.RNN, same signature and outputs as torch's."""
+    entry = entry_for(module)
     if not torch.is_grad_enabled():
-        return type(module).forward(module, input, hx)
+        return TORCH_FORWARD[entry.cls](module, input, hx)
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise UnsupportedConfigurationError(
-            f"{type(module).__name__} has dropout={module.dropout} between layers and is in "
+            f"{_label(module)} has dropout={module.dropout} between layers and is in "
             "training mode: attributions would be random. Call model.eval() before explaining."
         )
-    is_lstm = isinstance(module, nn.LSTM)
     packed = input if isinstance(input, PackedSequence) else None
     lengths = None
     if packed is not None:
@@ -195,12 +284,12 @@ def sequence_forward(module: nn.Module, input, hx=None):
     _check_doubled(module, B)
     num_states = module.num_layers * (2 if module.bidirectional else 1)
     hidden = module.hidden_size
-    out_size = module.proj_size if is_lstm and module.proj_size > 0 else hidden
+    out_size = getattr(module, "proj_size", 0) or hidden
     if hx is None:
-        zeros = lambda size: x.new_zeros(num_states, B, size)  # noqa: E731
-        state0 = (zeros(out_size), zeros(hidden)) if is_lstm else (zeros(hidden),)
+        sizes = (out_size, hidden)[: entry.num_states]
+        state0 = tuple(x.new_zeros(num_states, B, size) for size in sizes)
     else:
-        state0 = tuple(hx) if is_lstm else (hx,)
+        state0 = _states(entry, hx)
         expected = [(num_states, B, out_size), (num_states, B, hidden)][: len(state0)]
         for name, s, shape in zip(("h0", "c0"), state0, expected, strict=False):
             if tuple(s.shape) != shape:
@@ -209,18 +298,21 @@ def sequence_forward(module: nn.Module, input, hx=None):
                     "(num_layers * num_directions, batch, size) for this input."
                 )
             _check_input(module, s, name)
-    out, finals = _run_stack(module, rule_for(module), x, state0, lengths)
+    x, *state0 = _guard_inputs(module, (x, *state0))
+    out, finals = _run_stack(module, entry.rule(module), x, tuple(state0), lengths)
+    out, *finals = _guard_outputs(module, (out, *finals))
     if packed is not None:
         output = _repack(out, packed)
     else:
         output = out.transpose(0, 1) if module.batch_first else out
-    return (output, finals) if is_lstm else (output, finals[0])
+    return output, _as_hx(entry, finals)
 
 
 def cell_forward(module: nn.Module, input: Tensor, hx=None):
     """DeepLIFT forward of nn.LSTMCell / nn.GRUCell / nn.RNNCell: one step, T = 1."""
+    entry = entry_for(module)
     if not torch.is_grad_enabled():
-        return type(module).forward(module, input, hx)
+        return TORCH_FORWARD[entry.cls](module, input, hx)
     if input.dim() != 2:
         raise DoubledBatchError(
             f"{type(module).__name__} received unbatched input of shape {tuple(input.shape)}; "
@@ -229,12 +321,11 @@ def cell_forward(module: nn.Module, input: Tensor, hx=None):
     _check_input(module, input, "input")
     B = input.shape[0]
     _check_doubled(module, B)
-    is_lstm = isinstance(module, nn.LSTMCell)
     if hx is None:
         zeros = input.new_zeros(B, module.hidden_size)
-        state0 = (zeros, zeros) if is_lstm else (zeros,)
+        state0 = (zeros,) * entry.num_states
     else:
-        state0 = tuple(hx) if is_lstm else (hx,)
+        state0 = _states(entry, hx)
         for name, s in zip(("h", "c"), state0, strict=False):
             if tuple(s.shape) != (B, module.hidden_size):
                 raise ValueError(
@@ -242,12 +333,19 @@ def cell_forward(module: nn.Module, input: Tensor, hx=None):
                     f"{(B, module.hidden_size)} (batch, hidden_size)."
                 )
             _check_input(module, s, name)
-    rule = rule_for(module)
+    input, *state0 = _guard_inputs(module, (input, *state0))
+    rule = entry.rule(module)
     weights = _detached(rule.weights(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh))
     _, *final = RecurrentRuleFunction.apply(rule, weights, None, input.unsqueeze(0), *state0)
-    return tuple(final) if is_lstm else final[0]
+    return _as_hx(entry, _guard_outputs(module, tuple(final)))
+
+
+_FORWARDS = {"sequence": sequence_forward, "cell": cell_forward}
 
 
 def deeplift_forward_for(module: nn.Module):
-    """The DeepLIFT forward function to bind to ``module``."""
-    return sequence_forward if isinstance(module, SEQUENCE_MODULES) else cell_forward
+    """The DeepLIFT forward function of ``module``: ``f(module, input, hx=None)``."""
+    return _FORWARDS[entry_for(module).layout]
+
+
+assert {entry.layout for entry in REGISTRY} <= set(_FORWARDS), "a registry layout has no forward"

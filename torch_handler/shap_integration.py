@@ -1,32 +1,41 @@
 """Registering the rule in shap's DeepExplainer (PyTorch backend).
 
-``register()`` changes three things in ``shap.explainers._deep.deep_pytorch``, and
+``register()`` changes four things in ``shap.explainers._deep.deep_pytorch``, and
 ``unregister()`` puts each back exactly as it found it:
 
-1. ``op_handler[name]`` for LSTM, LSTMCell, GRU, GRUCell, RNN, RNNCell, so shap recognises
-   the modules (no "unrecognized nn.Module" warning). The handlers pass gradients through:
-   the multipliers are already DeepLIFT multipliers, computed by the autograd Function the
-   module runs while shap explains.
-2. ``PyTorchDeep.shap_values`` runs inside :func:`torch_handler.deeplift_mode` when the
+1. ``op_handler[name]`` for each class of :data:`torch_handler.registry.REGISTRY` (LSTM,
+   LSTMCell, GRU, GRUCell, RNN, RNNCell), so shap recognises the modules (no "unrecognized
+   nn.Module" warning). The handlers pass gradients through: the multipliers are already
+   DeepLIFT multipliers, computed by the autograd Function the module runs while shap explains.
+2. ``PyTorchDeep.__init__`` first checks what shap's constructor would otherwise fail on with
+   shap's or torch's own message: half-precision recurrent weights
+   (UnsupportedConfigurationError) and a background of another dtype (TypeError) or device
+   (ValueError) than the recurrent weights.
+3. ``PyTorchDeep.shap_values`` runs inside :func:`torch_handler.deeplift_mode` when the
    model has a recurrent module, and then checks additivity with a dtype-aware tolerance
-   (stricter than shap's absolute 0.01). Models without recurrent modules take shap's own
-   code path untouched, so their values are bit-identical with and without ``register()``.
-3. ``PyTorchDeep.add_handles`` attaches no shap hooks to a recurrent module that runs the
+   (stricter than shap's absolute 0.01), with a message that tells an operation without a
+   rule from float32 rounding of the model itself. Models without recurrent modules take
+   shap's own code path untouched, so their values are bit-identical with and without
+   ``register()``. The model is put back as found whether shap succeeds or raises.
+4. ``PyTorchDeep.add_handles`` attaches no shap hooks to a recurrent module that runs the
    rule: its forward hook asserts on the ``hx`` tuple, and its backward hook would only see
-   ``x`` (RULES.md §3). Every other module gets shap's hooks as before.
+   ``x`` (a module hook cannot return multipliers for the state). Every other module gets
+   shap's hooks as before.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
+import warnings
 
 import numpy as np
 import torch
 
-from .additivity import check_additivity
-from .errors import UnsupportedConfigurationError
+from .additivity import Diagnosis, check_additivity
 from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
-from .modules import SUPPORTED_MODULES, check_finite
+from .modules import check_finite, check_supported
+from .registry import REGISTRY, SUPPORTED_MODULES
 
 SUPPORTED_SHAP = (">=0.46", "<0.52")
 _MISSING = object()
@@ -36,13 +45,25 @@ _saved: dict | None = None
 
 def _pass_multipliers(module, grad_input, grad_output):
     """Shared body of the op_handler entries: the module's own autograd Function already
-    applied the rule, so the incoming gradients are the DeepLIFT multipliers."""
+    applied the rule, so the incoming gradients are the DeepLIFT multipliers.
+
+    Registered shap never attaches its hooks to a module that runs the rule (see
+    ``add_handles`` below), so this body only runs for a ``shap_values`` call that started
+    before :func:`register` took effect (``register()`` from another thread while shap
+    explains) or that bypassed the wrapper. Such a call is shap without the handler: it gets
+    shap's own treatment of an unknown module (a warning, the gradient passed on), with a
+    warning that says so. Raising here instead would escape shap's ``shap_values`` before it
+    removes its hooks, leaving them on every module of the model for good.
+    """
     if not is_active(module):
-        raise UnsupportedConfigurationError(
+        warnings.warn(
             f"shap's backward hook reached {type(module).__name__} while it was not running the "
-            "DeepLIFT rule; its gradients would be plain gradients. Explain through "
-            "shap.DeepExplainer after torch_handler.register(), or inside "
-            "torch_handler.deeplift_mode(model)."
+            "DeepLIFT rule (this shap_values call did not go through torch_handler.register(), "
+            "e.g. it began before register() took effect): it gets plain gradients, as in shap "
+            "without the handler. Call shap_values after torch_handler.register() returns, or "
+            "inside torch_handler.deeplift_mode(model).",
+            UserWarning,
+            stacklevel=2,
         )
     return None
 
@@ -60,21 +81,15 @@ def _op_handler(module_name: str, function_name: str):
     return handler
 
 
-lstm_cell_handler = _op_handler("LSTMCell", "lstm_cell_handler")
-lstm_handler = _op_handler("LSTM", "lstm_handler")
-gru_cell_handler = _op_handler("GRUCell", "gru_cell_handler")
-gru_handler = _op_handler("GRU", "gru_handler")
-rnn_cell_handler = _op_handler("RNNCell", "rnn_cell_handler")
-rnn_handler = _op_handler("RNN", "rnn_handler")
-
-OP_HANDLERS = {
-    "LSTMCell": lstm_cell_handler,
-    "LSTM": lstm_handler,
-    "GRUCell": gru_cell_handler,
-    "GRU": gru_handler,
-    "RNNCell": rnn_cell_handler,
-    "RNN": rnn_handler,
-}
+# shap looks handlers up by the module's class name; one per registry entry.
+OP_HANDLERS = {entry.cls.__name__: _op_handler(entry.cls.__name__, entry.handler) for entry in REGISTRY}
+_BY_NAME = {handler.__name__: handler for handler in OP_HANDLERS.values()}
+lstm_cell_handler = _BY_NAME["lstm_cell_handler"]
+lstm_handler = _BY_NAME["lstm_handler"]
+gru_cell_handler = _BY_NAME["gru_cell_handler"]
+gru_handler = _BY_NAME["gru_handler"]
+rnn_cell_handler = _BY_NAME["rnn_cell_handler"]
+rnn_handler = _BY_NAME["rnn_handler"]
 
 
 def _deep_pytorch():
@@ -99,9 +114,111 @@ def _deep_pytorch():
     return deep_pytorch
 
 
-def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
+def _model_inputs(explainer, X) -> list[torch.Tensor]:
     inputs = X if explainer.multi_input else [X]
-    inputs = [x.detach().to(explainer.device) for x in inputs]
+    return [x.detach().to(explainer.device) for x in inputs]
+
+
+def _float32_rounding(model, inputs, background, outputs, expected, scale) -> float | None:
+    """How far the model's own float32 forward is from its float64 forward on these inputs,
+    relative to ``scale``: the rounding an ill-conditioned model shows without any
+    attribution. Computed on a float64 deep copy; None if the model cannot be copied or cast."""
+    try:
+        exact = copy.deepcopy(model).double()
+        promote = lambda ts: [t.double() if t.is_floating_point() else t for t in ts]  # noqa: E731
+        with torch.no_grad():
+            f64 = exact(*promote(inputs)).cpu().numpy()
+            e64 = exact(*promote(background)).mean(0).cpu().numpy()
+    except Exception:  # a model that cannot be deep-copied or run in float64
+        return None
+    worst = max(np.abs(f64 - outputs).max(), np.abs(e64 - expected).max())
+    return float(worst / scale)
+
+
+# Torch functions with no DeepLIFT rule in shap when called functionally: nonlinearities, and
+# products / quotients of two tensors (linear when one side is a constant; reported when
+# neither side is a Parameter, which is the common linear case).
+_NONLINEAR_CALLS = frozenset(
+    "relu relu_ relu6 leaky_relu elu selu celu gelu silu mish softplus hardtanh hardswish hardsigmoid "
+    "sigmoid sigmoid_ tanh tanh_ softmax log_softmax softmin logsumexp glu exp exp_ log log_ log1p "
+    "sqrt rsqrt reciprocal square pow __pow__ abs clamp clip max min amax amin maximum minimum "
+    "layer_norm group_norm norm prod cumprod std var sort topk median".split()
+)
+_PRODUCT_CALLS = frozenset(
+    "mul mul_ __mul__ __rmul__ div div_ __truediv__ __rtruediv__ matmul __matmul__ bmm einsum".split()
+)
+
+
+def _is_varying_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.numel() > 1
+
+
+def _functional_calls(model, inputs, op_handler) -> list[str]:
+    """``"tanh in Classifier.forward"`` (or ``"tanh in block (Block)"``) for each nonlinear
+    torch function the model calls outside any module shap has a rule for, found by one
+    forward of a deep copy under a TorchFunctionMode (the user's model gets no hook)."""
+    from torch.overrides import TorchFunctionMode
+
+    shadow = copy.deepcopy(model)
+    handled = lambda m: isinstance(m, SUPPORTED_MODULES) or (  # noqa: E731
+        not any(True for _ in m.children()) and type(m).__name__ in op_handler
+    )
+    stack: list[str] = []
+    found: dict[str, None] = {}  # ordered set
+
+    # --- calls that run a rule inside an explained recurrent model are not culprits
+    from .interception import handles_call
+
+    ruled = handles_call if any(isinstance(m, SUPPORTED_MODULES) for m in model.modules()) else (lambda name: False)
+    # --- end
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if stack and stack[-1] is not None and not ruled(name):
+                varying = [a for a in args if _is_varying_tensor(a)]
+                if name in _NONLINEAR_CALLS or (name in _PRODUCT_CALLS and len(varying) >= 2):
+                    found[f"{name} in {stack[-1]}"] = None
+            return func(*args, **(kwargs or {}))
+
+    def enter(label):
+        return lambda module, args: stack.append(label)
+
+    for name, module in shadow.named_modules():
+        # Inside a handled module nothing is reported (None on the stack).
+        where = f"{name} ({type(module).__name__})" if name else f"{type(module).__name__}.forward"
+        label = None if handled(module) else where
+        module.register_forward_pre_hook(enter(label))
+        module.register_forward_hook(lambda module, args, output: stack.pop())
+    with torch.no_grad(), Record():
+        shadow(*inputs)
+    return list(found)
+
+
+def _unhandled_modules(model, inputs, op_handler) -> list[str]:
+    """What in the model likely computes without a DeepLIFT rule in shap: functional
+    nonlinear calls (``_functional_calls``) and leaf modules of a class shap does not know.
+    Where the forward cannot be replayed, modules with their own forward code are named."""
+    culprits = [
+        f"{name or type(model).__name__} ({type(module).__name__}): no shap rule"
+        for name, module in model.named_modules()
+        if not isinstance(module, SUPPORTED_MODULES)
+        and not any(True for _ in module.children())
+        and type(module).__name__ not in op_handler
+    ]
+    try:
+        calls = _functional_calls(model, inputs, op_handler)
+    except Exception:  # a model that cannot be deep-copied or replayed: name what may hold calls
+        calls = [
+            f"{name or type(model).__name__} ({type(module).__name__}): own forward code"
+            for name, module in model.named_modules()
+            if not type(module).__module__.startswith("torch.nn")
+        ]
+    return [f"functional {call}" if " in " in call else call for call in calls] + culprits
+
+
+def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
+    inputs = _model_inputs(explainer, X)
     with torch.no_grad():
         outputs = explainer.model(*inputs)
     dtype = outputs.dtype
@@ -117,7 +234,17 @@ def _strict_additivity(explainer, X, result, ranked_outputs) -> None:
     expected = np.asarray(explainer.expected_value, np.float64)
     deltas = np.take_along_axis(outputs, ranks, axis=1) - expected[ranks]
     scale = max(np.abs(outputs).max(), np.abs(expected).max())
-    check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer")
+
+    def diagnose() -> Diagnosis:
+        from shap.explainers._deep import deep_pytorch
+
+        rounding = None
+        if dtype != torch.float64:
+            rounding = _float32_rounding(explainer.model, inputs, explainer.data, outputs, expected, scale)
+        return Diagnosis(rounding, _unhandled_modules(explainer.model, inputs, deep_pytorch.op_handler))
+
+    check_additivity(sums, deltas, scale, str(dtype).removeprefix("torch."), "shap.DeepExplainer",
+                     diagnose=diagnose)
 
 
 def _validate_inputs(explainer, X) -> None:
@@ -157,10 +284,13 @@ def _make_shap_values(original):
             return original(self, X, ranked_outputs, output_rank_order, check_additivity)
         _validate_inputs(self, X)
         snapshot = ModelSnapshot(self.model)
-        with deeplift_mode(self.model):
-            result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
-        # shap leaves _is_full_backward_hook set on every leaf even after success.
-        snapshot.restore()
+        try:
+            with deeplift_mode(self.model):
+                result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
+        finally:
+            # shap removes its hooks only when it succeeds, and leaves _is_full_backward_hook set
+            # on every leaf even then: put the model back as found either way.
+            snapshot.restore()
         if check_additivity:
             _strict_additivity(self, X, result, ranked_outputs)
         return result
@@ -168,6 +298,45 @@ def _make_shap_values(original):
     shap_values.__wrapped__ = original
     shap_values.__doc__ = original.__doc__
     return shap_values
+
+
+def _check_model_and_background(model, data) -> None:
+    """What shap's constructor would otherwise trip over first, with shap's or torch's own
+    message: half-precision recurrent weights (shap: "Got unsupported ScalarType"), and a
+    background whose dtype or device differs from the recurrent weights (torch's error from
+    inside the layer)."""
+    modules = recurrent_modules(model)
+    for module in modules:
+        check_supported(module)
+    weight = next(modules[0].parameters(), None) if modules else None
+    if weight is None:
+        return
+    tensors = data if isinstance(data, list) else [data]
+    for k, background in enumerate(tensors):
+        name = f"background {k}" if len(tensors) > 1 else "the background"
+        if not isinstance(background, torch.Tensor) or not background.is_floating_point():
+            continue  # token ids and other integer inputs feed embeddings, not the layer
+        if background.dtype != weight.dtype:
+            raise TypeError(
+                f"{name} has dtype {background.dtype} but the model's recurrent weights are "
+                f"{weight.dtype}; cast one to match (e.g. background.to({weight.dtype}), or "
+                f"model.to({background.dtype}))."
+            )
+        if background.device != weight.device:
+            raise ValueError(
+                f"{name} is on {background.device} but the model's recurrent weights are on "
+                f"{weight.device}; move both to the same device."
+            )
+
+
+def _make_init(original):
+    def __init__(self, model, data):
+        _check_model_and_background(model[0] if isinstance(model, tuple) else model, data)
+        original(self, model, data)
+
+    __init__.__wrapped__ = original
+    __init__.__doc__ = original.__doc__
+    return __init__
 
 
 def _make_add_handles(original):
@@ -194,10 +363,12 @@ def register() -> None:
         cls = deep_pytorch.PyTorchDeep
         saved = {
             "op_handler": {name: deep_pytorch.op_handler.get(name, _MISSING) for name in OP_HANDLERS},
+            "__init__": cls.__dict__["__init__"],
             "shap_values": cls.__dict__["shap_values"],
             "add_handles": cls.__dict__["add_handles"],
         }
         deep_pytorch.op_handler.update(OP_HANDLERS)
+        cls.__init__ = _make_init(saved["__init__"])
         cls.shap_values = _make_shap_values(saved["shap_values"])
         cls.add_handles = _make_add_handles(saved["add_handles"])
         _saved = saved
@@ -216,6 +387,7 @@ def unregister() -> None:
                 deep_pytorch.op_handler.pop(name, None)
             else:
                 deep_pytorch.op_handler[name] = previous
+        deep_pytorch.PyTorchDeep.__init__ = _saved["__init__"]
         deep_pytorch.PyTorchDeep.shap_values = _saved["shap_values"]
         deep_pytorch.PyTorchDeep.add_handles = _saved["add_handles"]
         _saved = None
