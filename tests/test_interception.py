@@ -640,3 +640,16 @@ def _random_regrouping(rng, shape):
     factors = [f for f in range(1, n + 1) if n % f == 0]
     f = int(rng.choice(factors))
     return tuple(shape[:k] + [f, n // f] + shape[k + 1 :])
+
+
+def test_strict_carries_into_the_shap_wrapper_inside_a_strict_context():
+    model = Cumprod(lambda h: torch.cumprod(torch.sigmoid(h), dim=1)[:, -1]).double().eval()
+    x, background = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
+    torch_handler.register()
+    try:
+        explainer = shap.DeepExplainer(model, background)
+        with pytest.raises(UnsupportedOpError, match="`cumprod`"), torch_handler.deeplift_mode(model, strict=True):
+            assert torch_handler.current_explanation().options["strict"] is True
+            explainer.shap_values(x)
+    finally:
+        torch_handler.unregister()
