@@ -153,18 +153,22 @@ class MHAHead(nn.Module):
 def test_time_major_softmax_with_batch_equal_to_time(dtype):
     torch.manual_seed(0)
     model = TimeMajorSoftmax().to(dtype).eval()
-    n = 4
-    x, r = torch.randn(n, n, 3, dtype=dtype), torch.randn(n, n, 3, dtype=dtype)
+    pairs, steps = 2, 4  # the doubled batch (T, 2N, H) is square: 2N == T
+    x, r = torch.randn(pairs, steps, 3, dtype=dtype), torch.randn(pairs, steps, 3, dtype=dtype)
     _, error = captum_error(model, x, r)
     assert error <= BAR[dtype]
 
 
+@pytest.mark.parametrize("pairs", [1, 2])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_multihead_attention_with_batch_equal_to_heads_and_time(batch_first, need_weights):
+def test_multihead_attention_with_batch_equal_to_heads_and_time(batch_first, need_weights, pairs):
+    # The doubled batch 2N equals the number of heads and the sequence length: (2N*H, L, d)
+    # views cannot be told apart by size.
     torch.manual_seed(1)
-    model = MHAHead(batch_first, need_weights, heads=2).double().eval()
-    x, r = torch.randn(2, 2, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    n = 2 * pairs
+    model = MHAHead(batch_first, need_weights, heads=n).double().eval()
+    x, r = torch.randn(pairs, n, 3, dtype=torch.float64), torch.randn(pairs, n, 3, dtype=torch.float64)
     _, error = captum_error(model, x, r)
     assert error <= 1e-10
 
