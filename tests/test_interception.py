@@ -657,3 +657,27 @@ def test_strict_carries_into_the_shap_wrapper_inside_a_strict_context():
             explainer.shap_values(x)
     finally:
         torch_handler.unregister()
+
+
+def test_an_input_passed_by_keyword_is_followed_from_dim_0():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, *, x):
+            h, _ = self.rnn(torch.tanh(x) * torch.sigmoid(x))
+            return self.out(h[:, -1])
+
+    torch.manual_seed(12)
+    model = Keyword().double().eval()
+    x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    doubled = torch.cat([x, r]).requires_grad_()
+    with torch_handler.deeplift_mode(model):
+        y = model(x=doubled)[:, 0]
+        (grad,) = torch.autograd.grad(y.sum(), doubled)
+    attributions = (grad[:2] * (x - r)).sum((1, 2))
+    with torch.no_grad():
+        delta = model(x=x)[:, 0] - model(x=r)[:, 0]
+    assert (attributions - delta).abs().max() <= 1e-10 * max(model(x=x).abs().max(), model(x=r).abs().max())

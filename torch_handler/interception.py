@@ -453,7 +453,11 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         axis = self.axes.get(t)
         if axis is not None:
             return axis
-        if t in self.seeds:
+        # The model's arguments, and (passed by keyword, which the global hook does not see)
+        # any other leaf that requires grad without being a Parameter: an explained input, batch
+        # on dim 0 as every engine passes it.
+        is_input = t.requires_grad and t.grad_fn is None and not isinstance(t, nn.Parameter)
+        if t in self.seeds or is_input:
             axis = Axis(0, t.shape[0]) if t.dim() else UNKNOWN
             self.axes[t] = axis
             return axis
