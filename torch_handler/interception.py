@@ -855,9 +855,8 @@ def _single(rule, parse):
         params = {k: (pair_dim(v, shape, axis) if k == "dim" else v) for k, v in params.items()}
         out = _native(func, args, kwargs)
         values = out[0] if isinstance(out, tuple) else out
+        # Reductions without keepdim drop their dims; glu halves its dim, which is not the batch.
         out_axis = ba.after_reduce(axis, reduced, x.dim(), keepdim) if reduced and not keepdim else axis
-        if name == "glu":
-            out_axis = axis
         plan = Plan(rule, "single", [x.detach()], [axis], values, out_axis, params, [x.shape])
         result = _run_rule(mode, plan, [x])
         if isinstance(out, tuple):
