@@ -13,6 +13,7 @@ from torch import nn
 
 import torch_handler
 from torch_handler import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
+from torch_handler.interception import UnsupportedOpWarning
 from torch_handler.mode import is_active
 from torch_handler.registry import TORCH_FORWARD
 
@@ -132,20 +133,24 @@ def test_deeplift_mode_warns_on_a_model_without_recurrent_layers():
 # --- nothing silently wrong ----------------------------------------------------------------
 
 
-class FunctionalSigmoid(Classifier):
+class CumulativeGate(Classifier):
+    """torch.cumprod has no DeepLIFT rule (a running product over the time steps)."""
+
     def forward(self, x):
         out, _ = self.lstm(x)
-        return self.head(torch.sigmoid(out[:, -1] * 5.0))
+        return self.head(torch.cumprod(torch.sigmoid(5.0 * out), dim=1)[:, -1])
 
 
 def test_unhandled_functional_op_fails_the_additivity_check_with_per_sample_errors():
     torch.manual_seed(0)
-    model = FunctionalSigmoid().double().eval()
+    model = CumulativeGate().double().eval()
     background, X = data(n=8)
-    with pytest.raises(AdditivityError, match=r"relative error per sample \[.*torch\.relu"):
-        explain(model, background, X)
+    with pytest.warns(UnsupportedOpWarning, match="`cumprod`"):
+        with pytest.raises(AdditivityError, match=r"relative error per sample \[.*functional cumprod in"):
+            explain(model, background, X)
     # The same model is explained (approximately) when the user opts out.
-    values = explain(model, background, X, check_additivity=False)
+    with pytest.warns(UnsupportedOpWarning, match="`cumprod`"):
+        values = explain(model, background, X, check_additivity=False)
     assert values.shape == (2, 5, 3, 2)
 
 

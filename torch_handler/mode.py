@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import interception
 from .errors import UnsupportedConfigurationError
 from .modules import check_supported, deeplift_forward_for
 from .registry import REGISTRY, SUPPORTED_MODULES, TORCH_FORWARD
@@ -307,7 +308,7 @@ class ModelSnapshot:
 
 
 @contextmanager
-def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
+def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]:
     """Make every recurrent module of ``model`` apply the exact DeepLIFT rule, for the calling
     context only (other threads, copies and saved models stay native).
 
@@ -328,6 +329,14 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     If the body raises, the model also loses whatever hooks, attributes and flags the engine
     had added to it before failing (see :class:`ModelSnapshot`).
+
+    Around the recurrent modules, the ops of the model's own forward (functional calls,
+    nn.MultiheadAttention, norms, gates) run exact rules too
+    (:mod:`torch_handler.interception`); an op without a rule on input-dependent tensors is
+    named in an ``UnsupportedOpWarning``, or raises ``UnsupportedOpError`` with
+    ``strict=True`` (an enclosing explanation's ``strict=True`` carries into nested ones, such
+    as ``register()``'s shap wrapper). A model without recurrent modules is left to the
+    engine's own rules.
     """
     names = {m: name for name, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
     _check_model(model, names)
@@ -338,10 +347,15 @@ def deeplift_mode(model: nn.Module) -> Iterator[nn.Module]:
             UserWarning,
             stacklevel=3,
         )
-    with _explaining(model, names, {}):
+    parent = _current.get()
+    strict = strict or bool(parent is not None and parent.options.get("strict"))
+    with _explaining(model, names, {"strict": True} if strict else {}):
         snapshot = ModelSnapshot(model)
         try:
-            yield model
+            # --- interception of the ops around the recurrent modules (torch_handler.interception)
+            with interception.intercepting(model, list(names), strict=strict):
+                yield model
+            # --- end interception
         except BaseException:
             snapshot.restore()
             raise

@@ -126,7 +126,7 @@ _NONLINEAR_CALLS = frozenset(
     "relu relu_ relu6 leaky_relu elu selu celu gelu silu mish softplus hardtanh hardswish hardsigmoid "
     "sigmoid sigmoid_ tanh tanh_ softmax log_softmax softmin logsumexp glu exp exp_ log log_ log1p "
     "sqrt rsqrt reciprocal square pow __pow__ abs clamp clip max min amax amin maximum minimum "
-    "layer_norm group_norm norm".split()
+    "layer_norm group_norm norm prod cumprod std var sort topk median".split()
 )
 _PRODUCT_CALLS = frozenset(
     "mul mul_ __mul__ __rmul__ div div_ __truediv__ __rtruediv__ matmul __matmul__ bmm einsum".split()
@@ -150,10 +150,16 @@ def _functional_calls(model, inputs, op_handler) -> list[str]:
     stack: list[str] = []
     found: dict[str, None] = {}  # ordered set
 
+    # --- calls that run a rule inside an explained recurrent model are not culprits
+    from .interception import handles_call
+
+    ruled = handles_call if any(isinstance(m, SUPPORTED_MODULES) for m in model.modules()) else (lambda name: False)
+    # --- end
+
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = getattr(func, "__name__", "")
-            if stack and stack[-1] is not None:
+            if stack and stack[-1] is not None and not ruled(name):
                 varying = [a for a in args if _is_varying_tensor(a)]
                 if name in _NONLINEAR_CALLS or (name in _PRODUCT_CALLS and len(varying) >= 2):
                     found[f"{name} in {stack[-1]}"] = None

@@ -1,0 +1,202 @@
+"""Keeping the engines' own module rules off the modules whose internals the library handles.
+
+An engine's backward hook on a module *replaces* the gradient the module's internals produced.
+Inside an explained recurrent model, the ops inside ``nn.Softmax``, ``nn.LayerNorm``,
+``nn.GELU``, ... already run exact rules (:mod:`torch_handler.interception`), so the engines'
+rules for those modules (shap's ``op_handler``, Captum's ``SUPPORTED_NON_LINEAR``, tangermeme's
+``_NON_LINEAR_OPS``) must not run there: they split dim 0 in half whatever the layout and
+some fall back to plain gradients for small differences.
+
+One seam per engine, wrapped once and inert outside an explanation (the wrapper calls the
+original unless an explanation is active in the *current* context and the module belongs to
+its model):
+
+* shap: ``PyTorchDeep.add_handles`` (called per module, recursively);
+* Captum: ``DeepLift._can_register_hook`` (consulted per module by ``model.apply``);
+* tangermeme: ``tangermeme.deep_lift_shap._register_hooks`` (applied per module).
+
+A module keeps its engine rule when the library has no rule for its internals (``MaxPool``,
+``PReLU``, a user's ``additional_nonlinear_ops`` entry, ...): interception is then off inside
+it, and its input must have the doubled batch on dim 0 (checked), as that rule assumes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from torch import nn
+
+from .interception import current, rule_table
+
+_lock = threading.Lock()
+
+# Module types whose forward is functional calls with rules (or linear ops): the rule names
+# they need. Handled (engine hooks off) when every named rule is in the op table.
+_HANDLED_TYPES: dict[type, tuple[str, ...]] = {
+    nn.ReLU: ("relu",),
+    nn.ReLU6: ("relu6",),
+    nn.LeakyReLU: ("leaky_relu",),
+    nn.ELU: ("elu",),
+    nn.GELU: ("gelu",),
+    nn.SiLU: ("silu",),
+    nn.Softplus: ("softplus",),
+    nn.Sigmoid: ("sigmoid",),
+    nn.Tanh: ("tanh",),
+    nn.Hardtanh: ("clamp",),
+    nn.Softmax: ("softmax",),
+    nn.LogSoftmax: ("log_softmax",),
+    nn.GLU: ("glu",),
+    nn.LayerNorm: ("layer_norm",),
+    nn.RMSNorm: ("rms_norm",),
+    nn.MultiheadAttention: ("softmax", "matmul", "baddbmm", "scaled_dot_product_attention"),
+}
+# Modules whose engine rule is the identity: no hooks needed, none attached.
+_LINEAR_TYPES = (
+    nn.Linear,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Embedding,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+)
+
+
+def _bilinear_op_type():
+    try:
+        from tangermeme.deep_lift_shap import BilinearOp
+    except Exception:  # noqa: BLE001 - tangermeme absent or broken: no such module type
+        return None
+    return BilinearOp
+
+
+def handles_internals(module: nn.Module) -> bool:
+    """Whether every op inside ``module`` runs a library rule (or is linear)."""
+    if isinstance(module, _LINEAR_TYPES):
+        return True
+    needed = _HANDLED_TYPES.get(type(module))
+    bilinear = _bilinear_op_type()
+    if needed is None and bilinear is not None and type(module) is bilinear:
+        needed = ("einsum", "matmul")
+    if needed is None:
+        return False
+    table = rule_table()
+    return all(name in table for name in needed)
+
+
+def _explained_member(module: nn.Module):
+    """The active explanation if ``module`` belongs to its model and is not one of its recurrent
+    modules (those are the recurrent rule's business), else None."""
+    ex = current()
+    if ex is None or module not in ex.members or module in ex.recurrent:
+        return None
+    return ex
+
+
+# ---------------------------------------------------------------------------------------------
+# The three seams.
+
+
+def _guard_shap_add_handles(original):
+    def add_handles(self, model, forward_handle, backward_handle):
+        ex = _explained_member(model)
+        if ex is None or list(model.children()):
+            return original(self, model, forward_handle, backward_handle)
+        if handles_internals(model):
+            return []
+        from shap.explainers._deep import deep_pytorch
+
+        handler = deep_pytorch.op_handler.get(type(model).__name__)
+        if handler is not None and handler.__name__ not in ("passthrough", "linear_1d"):
+            ex.engine_ruled[model] = True
+        return original(self, model, forward_handle, backward_handle)
+
+    add_handles.__wrapped__ = original
+    add_handles._torch_handler_guard = True
+    return add_handles
+
+
+def _guard_captum_can_register(original):
+    def _can_register_hook(self, module):
+        ex = _explained_member(module)
+        if ex is None:
+            return original(self, module)
+        if handles_internals(module):
+            return False
+        result = original(self, module)
+        if result:
+            ex.engine_ruled[module] = True
+        return result
+
+    _can_register_hook.__wrapped__ = original
+    _can_register_hook._torch_handler_guard = True
+    return _can_register_hook
+
+
+def _guard_tangermeme_register(original):
+    def _register_hooks(module):
+        ex = _explained_member(module)
+        if ex is None:
+            return original(module)
+        if handles_internals(module) and type(module) in getattr(module, "_NON_LINEAR_OPS", {}):
+            ops = module._NON_LINEAR_OPS
+            builtin = _tangermeme_builtin_rule(type(module))
+            if builtin is None or ops.get(type(module)) is builtin:
+                return None
+        before = len(module._backward_hooks)
+        result = original(module)
+        if len(module._backward_hooks) > before:
+            ex.engine_ruled[module] = True
+        return result
+
+    _register_hooks.__wrapped__ = original
+    _register_hooks._torch_handler_guard = True
+    return _register_hooks
+
+
+def _tangermeme_builtin_rule(module_type):
+    """tangermeme's own rule for ``module_type`` (a user's replacement in
+    ``additional_nonlinear_ops`` is theirs to keep)."""
+    from tangermeme._deep_lift_utils import _build_nonlinear_ops
+
+    return _build_nonlinear_ops().get(module_type)
+
+
+def _guarded(function) -> bool:
+    while function is not None:
+        if getattr(function, "_torch_handler_guard", False):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
+
+
+def install() -> None:
+    """Wrap each installed engine's seam once (idempotent; re-wraps after an ``unregister``
+    restored shap's original). The wrappers are inert outside an explanation."""
+    with _lock:
+        try:
+            from shap.explainers._deep import deep_pytorch
+        except Exception:  # noqa: BLE001 - shap absent: nothing to guard
+            deep_pytorch = None
+        if deep_pytorch is not None:
+            cls = deep_pytorch.PyTorchDeep
+            if not _guarded(cls.add_handles):
+                cls.add_handles = _guard_shap_add_handles(cls.add_handles)
+        try:
+            from captum.attr._core.deep_lift import DeepLift
+        except Exception:  # noqa: BLE001
+            DeepLift = None
+        if DeepLift is not None and not _guarded(DeepLift._can_register_hook):
+            DeepLift._can_register_hook = _guard_captum_can_register(DeepLift._can_register_hook)
+        try:
+            import tangermeme.deep_lift_shap as tdls
+        except Exception:  # noqa: BLE001
+            tdls = None
+        if tdls is not None and not _guarded(tdls._register_hooks):
+            tdls._register_hooks = _guard_tangermeme_register(tdls._register_hooks)
