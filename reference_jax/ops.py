@@ -565,12 +565,18 @@ def _softmax_pieces(x_a, x_r, dim) -> _SoftmaxPieces:
 def _softmax_backward(m, x_a, x_r, dim):
     """``y = e · s``, ``s = 1/S``: product Shapley ``m_e = m·mean(s)``,
     ``m_s = Σ_dim m·mean(e)``; reciprocal ``m_S = −m_s/(S_a S_r)``; sum: ``m_e += m_S``;
-    exp Rescale: ``m_x = m_e · R_exp``."""
+    exp Rescale: ``m_x = m_e · R_exp``.
+
+    Evaluated as the identical ``m_e + m_S = Σ_j (m_i − m_j)(e_aj + e_rj) / (2 S_a S_r)``
+    (since ``mean(s) = (S_a + S_r)/(2 S_a S_r)``): the two terms of ``m_e + m_S`` are each
+    ``~m/S_min`` and cancel to ``(m_i − m̄)/S_min`` where one half's softmax is nearly
+    one-hot (logits of the two halves far apart); the pairwise form has no such
+    cancellation (its ``j = i`` term is exactly 0)."""
     p = _softmax_pieces(x_a, x_r, dim)
-    m_e = m * average(1.0 / p.s_a, 1.0 / p.s_r)
-    m_s = jnp.sum(m * average(p.e_a, p.e_r), axis=dim, keepdims=True)
-    m_big_s = -m_s / (p.s_a * p.s_r)
-    return (m_e + m_big_s) * p.r_exp
+    m_last = jnp.moveaxis(m, dim, -1)
+    weights = jnp.moveaxis(p.e_a + p.e_r, dim, -1)
+    pairwise = jnp.sum((m_last[..., :, None] - m_last[..., None, :]) * weights[..., None, :], axis=-1)
+    return jnp.moveaxis(pairwise, -1, dim) / (2.0 * p.s_a * p.s_r) * p.r_exp
 
 
 def _softmax(x, dim):
