@@ -240,14 +240,16 @@ def _split_params(params: dict):
 
 def _torch_params(params: dict, dtype) -> dict:
     static, arrays = _split_params(params)
-    converted = {k: torch.as_tensor(v) if v.dtype == bool else torch.as_tensor(v, dtype=dtype) for k, v in arrays.items()}
+    converted = {k: torch.as_tensor(v) if v.dtype == bool else torch.as_tensor(v, dtype=dtype)
+                 for k, v in arrays.items()}
     return {**static, **converted}
 
 
 def _oracle_params(params: dict, dtype) -> dict:
     """The parameters exactly as torch sees them (rounded to its dtype), in float64."""
     static, arrays = _split_params(params)
-    converted = {k: v if v.dtype == bool else torch.as_tensor(v, dtype=dtype).double().numpy() for k, v in arrays.items()}
+    converted = {k: v if v.dtype == bool else torch.as_tensor(v, dtype=dtype).double().numpy()
+                 for k, v in arrays.items()}
     return {**static, **converted}
 
 
@@ -263,7 +265,7 @@ def _torch_multipliers(rules, config: Config, batch: Batch):
                              **_torch_params(config.params, batch.dtype))
     assert len(mults) == len(batch.actual)
     for mk, a in zip(mults, batch.actual, strict=True):
-        assert mk.shape == (2, *a.shape), f"{config.op}: multiplier shape {tuple(mk.shape)} for operand {tuple(a.shape)}"
+        assert mk.shape == (2, *a.shape), f"{config.op}: multiplier {tuple(mk.shape)}, operand {tuple(a.shape)}"
         assert mk.dtype == batch.dtype, f"{config.op}: multiplier dtype {mk.dtype}, operands {batch.dtype}"
     return [_to_numpy(mk) for mk in mults]
 
@@ -332,10 +334,10 @@ def test_a_changed_rule_is_caught():
     partner replaced by its actual value, and sigmoid's Rescale factor replaced by the
     gradient at the actual input (what a plain-gradient fallback gives). The comparison
     above must report both far above its bars."""
-    original_mul, original_sigmoid = torch_ops.OP_RULES["mul"], torch_ops.OP_RULES["sigmoid"]
+    original_mul = torch_ops.OP_RULES["mul"]
 
     def mul_with_actual_partner(m, actual, reference):
-        (u_a, v_a), (u_r, _) = actual, reference
+        (_, v_a), (u_r, _) = actual, reference
         return original_mul(m, actual, (u_r, v_a))[0], original_mul(m, actual, reference)[1]
 
     def sigmoid_gradient(m, actual, reference):
@@ -350,3 +352,24 @@ def test_a_changed_rule_is_caught():
         for batch, errors in _errors(_config_index(id_), 0, rules=broken):
             dense = errors[[s == "dense" for s in batch.scenarios]]
             assert dense.max() > 1e-3, (id_, batch.dtype, dense)
+
+
+def summary() -> list[tuple[str, str, int, float]]:
+    """(config id, dtype, cases, worst error) over the whole grid, for the README table."""
+    rows = []
+    for config_index, config in enumerate(CONFIGS):
+        worst = {dtype: (0, 0.0) for dtype in DTYPES}
+        for shape_index in range(len(config.shapes)):
+            for batch, errors in _errors(config_index, shape_index):
+                n, w = worst[batch.dtype]
+                worst[batch.dtype] = (n + len(errors), max(w, float(errors.max())))
+        rows += [(config.id, str(dtype).removeprefix("torch."), *worst[dtype]) for dtype in DTYPES]
+    return rows
+
+
+if __name__ == "__main__":  # python crosscheck/test_crosscheck_ops.py: the table of worst errors
+    table = summary()
+    print(f"{len(CONFIGS)} op configurations, {sum(r[2] for r in table)} cases")
+    print("| op | float64 worst | float32 worst |\n|---|---|---|")
+    for i in range(0, len(table), 2):
+        print(f"| {table[i][0]} | {table[i][3]:.1e} | {table[i + 1][3]:.1e} |")
