@@ -28,7 +28,8 @@ The rules (``Δ = a − r``, ``mean(u) = (u_a + u_r)/2``):
   B(Δu, mean(v)) + B(mean(u), Δv)``.
 * Composites (softmax, log_softmax, logsumexp, layer_norm, rms_norm, vector_norm, glu,
   scaled_dot_product_attention) are the stated compositions of the rules above, applied
-  backwards by the chain rule; amax routes its change through the two arg-maxima.
+  backwards by the chain rule (softmax as ``exp ∘ log_softmax``, see
+  :func:`_softmax_backward`); amax routes its change through the two arg-maxima.
 
 Accuracy for tiny ``Δ``: no quotient is formed from two rounded function values when they
 cancel. Each Rescale factor has a cancellation-free closed form (``sqrt``:
@@ -543,13 +544,16 @@ def _shift(x_a: Array, x_r: Array, dim) -> Array:
 
 
 class _SoftmaxPieces(NamedTuple):
-    """Forward values of ``e = exp(x − c)``, ``S = Σ_dim e`` for one half; ``R_exp``."""
+    """Forward values of ``z = x − c``, ``e = exp(z)``, ``S = Σ_dim e`` for both halves,
+    and the Rescale factor of exp at ``(z_a, z_r)``."""
 
+    z_a: Array
+    z_r: Array
     e_a: Array
     e_r: Array
     s_a: Array  # S, kept dim
     s_r: Array
-    r_exp: Array  # Rescale factor of exp at (x_a − c, x_r − c)
+    r_exp: Array
 
 
 def _softmax_pieces(x_a, x_r, dim) -> _SoftmaxPieces:
@@ -557,26 +561,31 @@ def _softmax_pieces(x_a, x_r, dim) -> _SoftmaxPieces:
     z_a, z_r = x_a - c, x_r - c
     e_a, e_r = jnp.exp(z_a), jnp.exp(z_r)
     return _SoftmaxPieces(
-        e_a, e_r, jnp.sum(e_a, axis=dim, keepdims=True), jnp.sum(e_r, axis=dim, keepdims=True),
+        z_a, z_r, e_a, e_r,
+        jnp.sum(e_a, axis=dim, keepdims=True), jnp.sum(e_r, axis=dim, keepdims=True),
         _exp_quotient(z_a, z_r),
     )
 
 
-def _softmax_backward(m, x_a, x_r, dim):
-    """``y = e · s``, ``s = 1/S``: product Shapley ``m_e = m·mean(s)``,
-    ``m_s = Σ_dim m·mean(e)``; reciprocal ``m_S = −m_s/(S_a S_r)``; sum: ``m_e += m_S``;
-    exp Rescale: ``m_x = m_e · R_exp``.
+def _log_softmax_backward(m, p: _SoftmaxPieces, dim):
+    """``u = z − log S``: ``m_x = m + m_S·R_exp(z_a, z_r)`` with
+    ``m_S = −(Σ_dim m)·R_log(S_a, S_r)`` (the ``z`` path is the identity; ``c`` cancels)."""
+    m_big_s = -jnp.sum(m, axis=dim, keepdims=True) * _log_quotient(p.s_a, p.s_r)
+    return m + m_big_s * p.r_exp
 
-    Evaluated as the identical ``m_e + m_S = Σ_j (m_i − m_j)(e_aj + e_rj) / (2 S_a S_r)``
-    (since ``mean(s) = (S_a + S_r)/(2 S_a S_r)``): the two terms of ``m_e + m_S`` are each
-    ``~m/S_min`` and cancel to ``(m_i − m̄)/S_min`` where one half's softmax is nearly
-    one-hot (logits of the two halves far apart); the pairwise form has no such
-    cancellation (its ``j = i`` term is exactly 0)."""
+
+def _softmax_backward(m, x_a, x_r, dim):
+    """softmax as ``exp ∘ log_softmax``: ``u = log_softmax(x)`` per half, ``y = exp(u)``;
+    ``m_u = m·R_exp(u_a, u_r)``, then the log_softmax rule.
+
+    Why not ``e · reciprocal(S)`` with a Shapley product: exact too, but its multipliers
+    grow like ``e^L`` when the two halves' logits differ in level by ``L``, with
+    contributions of that size that cancel (float64 misses 1e-10 summation from ``L ≈ 15``,
+    float32 misses 1e-5 from ``L ≈ 7``). Through log_softmax every factor is bounded
+    (``R_exp(u) ≤ max y``, ``R_log(S)·R_exp(z) ≤ max p``)."""
     p = _softmax_pieces(x_a, x_r, dim)
-    m_last = jnp.moveaxis(m, dim, -1)
-    weights = jnp.moveaxis(p.e_a + p.e_r, dim, -1)
-    pairwise = jnp.sum((m_last[..., :, None] - m_last[..., None, :]) * weights[..., None, :], axis=-1)
-    return jnp.moveaxis(pairwise, -1, dim) / (2.0 * p.s_a * p.s_r) * p.r_exp
+    u_a, u_r = p.z_a - jnp.log(p.s_a), p.z_r - jnp.log(p.s_r)
+    return _log_softmax_backward(m * _exp_quotient(u_a, u_r), p, dim)
 
 
 def _softmax(x, dim):
@@ -596,9 +605,7 @@ def _log_softmax_rule(m, actual, reference, dim):
     """``y = (x − c) − log S``: ``m_x = m + m_S·R_exp`` with
     ``m_S = −(Σ_dim m)·R_log(S_a, S_r)``."""
     (x_a,), (x_r,) = actual, reference
-    p = _softmax_pieces(x_a, x_r, dim)
-    m_big_s = -jnp.sum(m, axis=dim, keepdims=True) * _log_quotient(p.s_a, p.s_r)
-    return (m + m_big_s * p.r_exp,)
+    return (_log_softmax_backward(m, _softmax_pieces(x_a, x_r, dim), dim),)
 
 
 def _logsumexp(x, dim, keepdim=False):

@@ -283,16 +283,10 @@ def _rule(name, m, a, r, **params):
 
 
 def _softmax_chain(m, x_a, x_r, dim):
-    """e = exp(x − c), S = Σ e, s = reciprocal(S), y = e · s: the primitive rules backwards."""
-    c = jnp.maximum(x_a.max(dim, keepdims=True), x_r.max(dim, keepdims=True))
-    z_a, z_r = x_a - c, x_r - c
-    e_a, e_r = jnp.exp(z_a), jnp.exp(z_r)
-    big_a, big_r = e_a.sum(dim, keepdims=True), e_r.sum(dim, keepdims=True)
-    s_a, s_r = 1 / big_a, 1 / big_r
-    m_e, m_s = _rule("mul", m, (e_a, jnp.broadcast_to(s_a, e_a.shape)), (e_r, jnp.broadcast_to(s_r, e_r.shape)))
-    (m_big,) = _rule("reciprocal", m_s.sum(dim, keepdims=True), (big_a,), (big_r,))
-    (m_z,) = _rule("exp", m_e + m_big, (z_a,), (z_r,))
-    return m_z
+    """softmax = exp(u), u = log_softmax(x): the exp rule, then the log_softmax chain."""
+    u_a, u_r = jax.nn.log_softmax(x_a, axis=dim), jax.nn.log_softmax(x_r, axis=dim)
+    (m_u,) = _rule("exp", m, (u_a,), (u_r,))
+    return _log_softmax_chain(m_u, x_a, x_r, dim)
 
 
 def _lse_pieces(x_a, x_r, dim):
