@@ -24,6 +24,7 @@ import os
 import zlib
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -218,8 +219,6 @@ def _batch(config: Config, shape_index: int, dtype) -> Batch:
 
 def _output_shape(config: Config, operands_one_pair) -> tuple[int, ...]:
     static, arrays = _split_params(config.params)
-    import jax
-
     out = jax.eval_shape(lambda *xs: oracle_ops.OP_FORWARDS[config.op](*xs, **static, **arrays), *operands_one_pair)
     return tuple(out.shape)
 
