@@ -8,7 +8,7 @@ and c), a random input ``(x, h, c)`` and a random reference, each player's contr
 
 * DeepSHAP with the torch handler: ``torch_handler.deeplift_mode`` + ``nn.LSTMCell`` on the
   doubled batch of 2 rows, contribution = multiplier x (input - reference);
-* the JAX oracle's DeepLIFT multipliers (``reference_jax.cell_multipliers``), as a check on
+* the JAX oracle's DeepLIFT multipliers (``reference_jax.lstm_cell_multipliers``), as a check on
   the torch numbers;
 * exact single-reference Shapley values (``reference_jax.exact_shapley``, all 2^n coalitions).
 
@@ -96,7 +96,7 @@ def compare_cell(cell: torch.nn.LSTMCell, actual, reference) -> dict:
 
     players_a, players_r = jnp.concatenate(a), jnp.concatenate(r)
     shapley = np.asarray(rj.exact_shapley(f, players_a, players_r))
-    m_x, (m_h, m_c) = rj.cell_multipliers(params, a[0], (a[1], a[2]), r[0], (r[1], r[2]),
+    m_x, (m_h, m_c) = rj.lstm_cell_multipliers(params, a[0], (a[1], a[2]), r[0], (r[1], r[2]),
                                           (jnp.ones(H), jnp.zeros(H)))
     oracle = np.asarray(jnp.concatenate([m_x, m_h, m_c]) * (players_a - players_r))
     deep = deepshap_torch(cell, actual, reference)

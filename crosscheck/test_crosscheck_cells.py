@@ -4,7 +4,7 @@ Cells: nn.LSTMCell, nn.GRUCell, nn.RNNCell (tanh and relu); input and hidden siz
 batch 1–8, float64 and float32; scenarios: dense references, saturated gates, zero Δ on some
 inputs, actual equal to reference, a single differing feature; one-hot and dense output
 multipliers. Compared: the multipliers of both halves of the doubled batch against
-``cell_multipliers``, and the attributions ``m · Δ`` against the oracle's explicit
+``<kind>_cell_multipliers``, and the attributions ``m · Δ`` against the oracle's explicit
 per-hidden-unit contribution tables weighted by the output multipliers. Each comparison is
 normwise over the cell's whole input vector (x, h[, c]) of one example row: max |ours −
 oracle| / max |oracle| ≤ 1e-10 (float64) or 1e-5 (float32).
@@ -55,16 +55,16 @@ def _oracle(kind: str):
     if kind == "lstm":
 
         def both(params, x, h, c, x_r, h_r, c_r, m_h1, m_c1):
-            m = oracle.cell_multipliers(params, x, (h, c), x_r, (h_r, c_r), (m_h1, m_c1))
-            tables = oracle.cell_contributions(params, x, (h, c), x_r, (h_r, c_r))
+            m = oracle.lstm_cell_multipliers(params, x, (h, c), x_r, (h_r, c_r), (m_h1, m_c1))
+            tables = oracle.lstm_cell_contributions(params, x, (h, c), x_r, (h_r, c_r))
             return m, tables
 
     elif kind == "gru":
 
         def both(params, x, h, x_r, h_r, m_h1):
             return (
-                oracle.gru_cell_multipliers(params, x, h, x_r, h_r, m_h1),
-                oracle.gru_cell_contributions(params, x, h, x_r, h_r),
+                oracle.gru_cell_multipliers(params, x, (h,), x_r, (h_r,), (m_h1,)),
+                oracle.gru_cell_contributions(params, x, (h,), x_r, (h_r,)),
             )
 
     else:
@@ -72,8 +72,8 @@ def _oracle(kind: str):
 
         def both(params, x, h, x_r, h_r, m_h1):
             return (
-                oracle.rnn_cell_multipliers(params, x, h, x_r, h_r, m_h1, nonlinearity=nonlinearity),
-                oracle.rnn_cell_contributions(params, x, h, x_r, h_r, nonlinearity=nonlinearity),
+                oracle.rnn_cell_multipliers(params, x, (h,), x_r, (h_r,), (m_h1,), nonlinearity=nonlinearity),
+                oracle.rnn_cell_contributions(params, x, (h,), x_r, (h_r,), nonlinearity=nonlinearity),
             )
 
     return jax.jit(jax.vmap(both))
@@ -177,7 +177,7 @@ def _oracle_attributions(kind, tables, m_out):
 
 def _flatten_oracle_multipliers(kind, multipliers):
     m_x, m_state = multipliers
-    return [m_x, *m_state] if kind == "lstm" else [m_x, m_state]
+    return [m_x, *m_state]
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

@@ -92,13 +92,13 @@ def test_stacks_agree_with_the_oracle_elementwise(kind, index):
         )
         expected = [m_x, m_h0, m_c0]
     elif kind == "gru":
-        expected = list(oracle.batched_gru_sequence_multipliers(params, a[0], a[1], r[0], r[1], (m[0], m[1])))
+        m_x, (m_h0,) = oracle.batched_gru_sequence_multipliers(params, a[0], (a[1],), r[0], (r[1],), (m[0], m[1]))
+        expected = [m_x, m_h0]
     else:
-        expected = list(
-            oracle.batched_rnn_sequence_multipliers(
-                params, a[0], a[1], r[0], r[1], (m[0], m[1]), nonlinearity=config["nonlinearity"]
-            )
+        m_x, (m_h0,) = oracle.batched_rnn_sequence_multipliers(
+            params, a[0], (a[1],), r[0], (r[1],), (m[0], m[1]), nonlinearity=config["nonlinearity"]
         )
+        expected = [m_x, m_h0]
 
     for k, ((ours_a, ours_r), want) in enumerate(zip(halves, expected, strict=True)):
         want = np.asarray(want)

@@ -1,36 +1,53 @@
-"""A pure-functional JAX oracle for exact DeepLIFT / DeepSHAP multipliers of the
-PyTorch recurrent cells (``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell``) and stacks
-(``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``), in torch's parameter layout.
+"""A pure-functional JAX oracle for exact DeepLIFT / DeepSHAP multipliers of the PyTorch
+recurrent cells (``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell``), stacks (``nn.LSTM`` /
+``nn.GRU`` / ``nn.RNN``) in torch's parameter layout, and the tensor ops around them.
 
-Independent of torch by design (nothing here imports it). Importing this package turns
-on float64 in JAX (``jax_enable_x64``): the oracle's bar is exactness to float64 rounding.
+Independent of torch by design (nothing here imports it). Needs the ``jax`` extra
+(``pip install 'lstm-deepshap[jax]'``). Importing this package turns on float64 in JAX
+(``jax_enable_x64``): the oracle's bar is exactness to float64 rounding.
 
 Modules, one per concept:
 
 * :mod:`reference_jax.rescale`  — Rescale factor and Shapley product rule (elementwise).
-* :mod:`reference_jax.lstm`     — ``LSTMParams``, ``lstm_cell``, ``cell_multipliers``,
-  ``cell_contributions`` (per-hidden-unit tables).
-* :mod:`reference_jax.gru`      — the same for ``nn.GRUCell``.
-* :mod:`reference_jax.rnn`      — the same for ``nn.RNNCell`` (tanh / relu).
-* :mod:`reference_jax.sequence` — whole stacks (layers, directions, projection) by scan.
+* :mod:`reference_jax.lstm`, :mod:`reference_jax.gru`, :mod:`reference_jax.rnn` — one
+  cell each: ``*Params``, ``<kind>_cell``, ``<kind>_cell_multipliers``,
+  ``<kind>_cell_contributions`` and ``<kind>_cell_multiplier_tables`` (per-hidden-unit
+  tables), and their ``batched_*`` forms. One signature for all three::
+
+      <kind>_cell(params, x, state) -> new_state
+      <kind>_cell_multipliers(params, x, state, x_ref, state_ref, m_out) -> (m_x, m_state)
+
+  where ``state``, ``new_state``, ``m_out`` and ``m_state`` are tuples: ``(h, c)`` for
+  LSTM, ``(h,)`` for GRU and RNN (RNN adds the static ``nonlinearity=``).
+* :mod:`reference_jax.sequence` — whole stacks (layers, directions, projection) by scan,
+  with the same tuple convention (``state0 = (h0, c0)`` or ``(h0,)``).
+* :mod:`reference_jax.ops`      — the op rules (activations, products, matmul / einsum,
+  softmax, norms, attention, ...): ``OP_RULES``, ``batched_op_multipliers``.
 * :mod:`reference_jax.shapley`  — brute-force Shapley values (≤ 16 players).
 
 Numerical notes (details in :func:`reference_jax.rescale.rescale_threshold`):
 
-* Rescale uses the quotient where ``|Δz| > τ = (24 eps)^(1/3)``, else its expansion about
-  the midpoint, ``φ'(m) + φ'''(m) Δz²/24`` (the curvature term keeps sums exact to float64
-  rounding just under ``τ``); relu, piecewise linear, uses the quotient for every
-  ``Δz ≠ 0`` (threshold 0).
+* Rescale uses a cancellation-free closed form where ``|Δz| > τ = (24 eps)^(1/3)``, else
+  its expansion about the midpoint, ``φ'(m) + φ'''(m) Δz²/24``; relu, piecewise linear,
+  uses the quotient for every ``Δz ≠ 0`` (threshold 0).
 * Tables are built per hidden unit (``vmap`` over ``k``) from the forward values of the
   cell function itself, so their rows sum to the very Δ that function reports.
 * The exported ``batched_*`` functions are ``jit``-compiled without LLVM optimisation
   (``_checks.COMPILER_OPTIONS``): these graphs are tiny and compile time dominates.
 """
 
-import jax
+try:  # jax first, so that the error names it when both are missing
+    import jax  # noqa: I001
+    import chex  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        f"reference_jax (the JAX oracle) needs JAX and chex: {error}. Install the extra: "
+        f"pip install 'lstm-deepshap[jax]'"
+    ) from error
 
 jax.config.update("jax_enable_x64", True)
 
+from reference_jax import ops  # noqa: E402
 from reference_jax.gru import (  # noqa: E402
     GRUContributions,
     GRUParams,
@@ -46,15 +63,16 @@ from reference_jax.gru import (  # noqa: E402
 from reference_jax.lstm import (  # noqa: E402
     LSTMContributions,
     LSTMParams,
-    batched_cell_contributions,
-    batched_cell_multiplier_tables,
-    batched_cell_multipliers,
     batched_lstm_cell,
-    cell_contributions,
-    cell_multiplier_tables,
-    cell_multipliers,
+    batched_lstm_cell_contributions,
+    batched_lstm_cell_multiplier_tables,
+    batched_lstm_cell_multipliers,
     lstm_cell,
+    lstm_cell_contributions,
+    lstm_cell_multiplier_tables,
+    lstm_cell_multipliers,
 )
+from reference_jax.ops import OP_FORWARDS, OP_RULES, batched_op_multipliers  # noqa: E402
 from reference_jax.rescale import (  # noqa: E402
     NONLINEARITIES,
     activation,
@@ -91,17 +109,11 @@ from reference_jax.sequence import (  # noqa: E402
 )
 from reference_jax.shapley import MAX_PLAYERS, exact_shapley  # noqa: E402
 
-# LSTM names with an explicit prefix, for symmetry with the GRU / RNN ones.
-lstm_cell_multipliers = cell_multipliers
-lstm_cell_contributions = cell_contributions
-lstm_cell_multiplier_tables = cell_multiplier_tables
-batched_lstm_cell_multipliers = batched_cell_multipliers
-batched_lstm_cell_contributions = batched_cell_contributions
-batched_lstm_cell_multiplier_tables = batched_cell_multiplier_tables
-
 __all__ = [
     "MAX_PLAYERS",
     "NONLINEARITIES",
+    "OP_FORWARDS",
+    "OP_RULES",
     "GRUContributions",
     "GRUParams",
     "LSTMContributions",
@@ -110,9 +122,6 @@ __all__ = [
     "RNNParams",
     "activation",
     "average",
-    "batched_cell_contributions",
-    "batched_cell_multiplier_tables",
-    "batched_cell_multipliers",
     "batched_gru_cell",
     "batched_gru_cell_contributions",
     "batched_gru_cell_multiplier_tables",
@@ -125,15 +134,13 @@ __all__ = [
     "batched_lstm_cell_multipliers",
     "batched_lstm_sequence",
     "batched_lstm_sequence_multipliers",
+    "batched_op_multipliers",
     "batched_rnn_cell",
     "batched_rnn_cell_contributions",
     "batched_rnn_cell_multiplier_tables",
     "batched_rnn_cell_multipliers",
     "batched_rnn_sequence",
     "batched_rnn_sequence_multipliers",
-    "cell_contributions",
-    "cell_multiplier_tables",
-    "cell_multipliers",
     "exact_shapley",
     "gru_cell",
     "gru_cell_contributions",
@@ -147,6 +154,7 @@ __all__ = [
     "lstm_cell_multipliers",
     "lstm_sequence",
     "lstm_sequence_multipliers",
+    "ops",
     "product_multipliers",
     "rescale",
     "rescale_threshold",

@@ -138,3 +138,15 @@ def batched(fn, arg_names: Sequence[str], doc: str, static_argnames: Sequence[st
     impl.__qualname__ = impl.__name__
     impl.__doc__ = doc
     return jax.jit(impl, static_argnames=static_argnames, compiler_options=COMPILER_OPTIONS)
+
+
+def state(name: str, value, names: Sequence[str]) -> tuple:
+    """Assert ``value`` is a tuple (or list) of ``len(names)`` arrays, as every cell's state
+    and output multipliers are (``(h,)`` for GRU / RNN, ``(h, c)`` for LSTM)."""
+    if not isinstance(value, tuple | list) or len(value) != len(names):
+        got = f"a {type(value).__name__} of length {len(value)}" if isinstance(value, tuple | list) else (
+            f"a {type(value).__name__}")
+        raise AssertionError(
+            f"{name} must be a tuple ({', '.join(names)}{',' if len(names) == 1 else ''}), got {got}"
+        )
+    return tuple(value)

@@ -19,8 +19,9 @@ and ``r ⊙ hn``. Backward (given ``m_h'``), each hidden unit with its own facto
     m_x  = W_ir^T m_ar + W_iz^T m_az + W_in^T m_an
     m_h  = W_hr^T m_ar + W_hz^T m_az + W_hn^T m_hn + m_h(direct)
 
-``I`` inputs, ``H`` hidden units; one example (1-D arrays) per call; ``batched_*`` are
-``jit(vmap(...))`` over a leading batch axis of the data arguments.
+``I`` inputs, ``H`` hidden units; one example (1-D arrays) per call. The signature is the
+one of every cell in this package: states and output multipliers are tuples, here ``(h,)``
+and ``(m_h1,)``. ``batched_*`` are ``jit(vmap(...))`` over a leading batch axis of the data.
 """
 
 from __future__ import annotations
@@ -100,9 +101,12 @@ def _check_params(params: GRUParams, name: str = "params") -> tuple[GRUParams, i
     return GRUParams(w_ih, w_hh, b_ih, b_hh), i_dim, h_dim
 
 
-def _check_data(params: GRUParams, x, h, x_ref, h_ref):
+def _check_data(params: GRUParams, x, state, x_ref, state_ref):
+    """Validate one example; returns ``(params, x, h, x_ref, h_ref)`` as arrays."""
     params, i_dim, h_dim = _check_params(params)
     dtype = params.w_ih.dtype
+    (h,) = _checks.state("state", state, ("h",))
+    (h_ref,) = _checks.state("state_ref", state_ref, ("h_ref",))
     out = [params]
     for name, value, n, sym, src in (
         ("x", x, i_dim, "I", "params.w_ih"),
@@ -146,22 +150,24 @@ def _forward(params: GRUParams, x, h) -> _Pointwise:
     return _pointwise(*gx, *gh, h)
 
 
-def _gru_cell(params: GRUParams, x, h):
-    return _forward(params, x, h).h1
+def _cell(params: GRUParams, x, state):
+    """Unchecked step on the state tuple ``(h,)`` -> ``(h1,)``."""
+    return (_forward(params, x, state[0]).h1,)
 
 
-def gru_cell(params: GRUParams, x: jax.Array, h: jax.Array) -> jax.Array:
+def gru_cell(params: GRUParams, x: jax.Array, state: tuple[jax.Array]) -> tuple[jax.Array]:
     """One ``nn.GRUCell`` step for one example.
 
     Args:
       params: :class:`GRUParams`.
-      x: ``(I,)``.  h: ``(H,)``.
+      x: ``(I,)``.
+      state: ``(h,)`` with ``h`` ``(H,)`` (a 1-tuple, like LSTM's ``(h, c)``).
 
     Returns:
-      ``h1`` ``(H,)``, dtype of ``params``.
+      ``(h1,)``, ``h1`` ``(H,)``, dtype of ``params``.
     """
-    params, x, h, _, _ = _check_data(params, x, h, x, h)
-    return _gru_cell(params, x, h)
+    params, x, h, _, _ = _check_data(params, x, state, x, state)
+    return _cell(params, x, (h,))
 
 
 # --------------------------------------------------------------------------- backward
@@ -184,17 +190,19 @@ def _gate_multipliers(fa: _Pointwise, fr: _Pointwise, h_a, h_r, m_h1):
     return m_ar, m_az, m_an, m_hn, m_h_direct
 
 
-def _gru_cell_multipliers(params: GRUParams, x, h, x_ref, h_ref, m_h1):
+def _cell_multipliers(params: GRUParams, x, state, x_ref, state_ref, m_out):
+    """Unchecked rule on state tuples: ``(m_x, (m_h,))`` for ``m_out = (m_h1,)``."""
+    (h,), (h_ref,), (m_h1,) = state, state_ref, m_out
     fa, fr = _forward(params, x, h), _forward(params, x_ref, h_ref)
     m_ar, m_az, m_an, m_hn, m_h_direct = _gate_multipliers(fa, fr, h, h_ref, m_h1)
     m_x = params.w_ih.T @ jnp.concatenate([m_ar, m_az, m_an])
     m_h = params.w_hh.T @ jnp.concatenate([m_ar, m_az, m_hn]) + m_h_direct
-    return m_x, m_h
+    return m_x, (m_h,)
 
 
 def gru_cell_multipliers(
-    params: GRUParams, x: jax.Array, h: jax.Array, x_ref: jax.Array, h_ref: jax.Array,
-    m_h1: jax.Array,
+    params: GRUParams, x: jax.Array, state: tuple[jax.Array], x_ref: jax.Array,
+    state_ref: tuple[jax.Array], m_out: tuple[jax.Array],
 ):
     """DeepLIFT multipliers of the inputs of one GRU step (vector–Jacobian form).
 
@@ -204,15 +212,18 @@ def gru_cell_multipliers(
 
     Args:
       params: :class:`GRUParams`.
-      x, x_ref: ``(I,)``.  h, h_ref: ``(H,)``.  m_h1: ``(H,)`` output multiplier.
+      x, x_ref: ``(I,)``.
+      state, state_ref: ``(h,)`` and ``(h_ref,)``, ``(H,)`` each.
+      m_out: ``(m_h1,)``, ``(H,)``: the multiplier of the output state.
 
     Returns:
-      ``(m_x (I,), m_h (H,))``.
+      ``(m_x (I,), (m_h (H,),))``.
     """
-    params, x, h, x_r, h_r = _check_data(params, x, h, x_ref, h_ref)
+    params, x, h, x_r, h_r = _check_data(params, x, state, x_ref, state_ref)
+    (m_h1,) = _checks.state("m_out", m_out, ("m_h1",))
     m_h1 = _checks.array("m_h1", m_h1, params.w_ih.dtype)
     _checks.shape("m_h1", m_h1, ("H",), (h.shape[0],), "the h1 output (params.w_hh)")
-    return _gru_cell_multipliers(params, x, h, x_r, h_r, m_h1)
+    return _cell_multipliers(params, x, (h,), x_r, (h_r,), (m_h1,))
 
 
 # --------------------------------------------------------------------------- tables
@@ -250,19 +261,20 @@ def _multiplier_tables(params: GRUParams, x, h, x_ref, h_ref) -> GRUContribution
     return GRUContributions(m_x, m_h)
 
 
-def gru_cell_multiplier_tables(params: GRUParams, x, h, x_ref, h_ref) -> GRUContributions:
+def gru_cell_multiplier_tables(params: GRUParams, x, state, x_ref, state_ref) -> GRUContributions:
     """Per-hidden-unit multiplier tables ``M[k, j]`` (forward values of :func:`gru_cell`,
     then ``vmap`` over units ``k``, each from its own scalars and three gate rows; no
     autodiff); ``contribution = M * Δinput[None, :]``.
 
     Args: as :func:`gru_cell_contributions`.  Returns: :class:`GRUContributions`.
     """
-    params, x, h, x_r, h_r = _check_data(params, x, h, x_ref, h_ref)
+    params, x, h, x_r, h_r = _check_data(params, x, state, x_ref, state_ref)
     return _multiplier_tables(params, x, h, x_r, h_r)
 
 
 def gru_cell_contributions(
-    params: GRUParams, x: jax.Array, h: jax.Array, x_ref: jax.Array, h_ref: jax.Array
+    params: GRUParams, x: jax.Array, state: tuple[jax.Array], x_ref: jax.Array,
+    state_ref: tuple[jax.Array],
 ) -> GRUContributions:
     """Contribution of every input element (x_j, h_j) to every output ``h1[k]``.
 
@@ -271,12 +283,12 @@ def gru_cell_contributions(
 
     Args:
       params: :class:`GRUParams`.
-      x, x_ref: ``(I,)``.  h, h_ref: ``(H,)``.
+      x, x_ref: ``(I,)``.  state, state_ref: ``(h,)``, ``(h_ref,)``, ``(H,)`` each.
 
     Returns:
       :class:`GRUContributions` ``(h1_x (H, I), h1_h (H, H))``.
     """
-    params, x, h, x_r, h_r = _check_data(params, x, h, x_ref, h_ref)
+    params, x, h, x_r, h_r = _check_data(params, x, state, x_ref, state_ref)
     m = _multiplier_tables(params, x, h, x_r, h_r)
     return GRUContributions(m.h1_x * (x - x_r), m.h1_h * (h - h_r))
 
@@ -284,19 +296,20 @@ def gru_cell_contributions(
 # --------------------------------------------------------------------------- batched
 
 batched_gru_cell = batched(
-    gru_cell, ("x", "h"),
-    doc="``jit(vmap(gru_cell))``: x ``(B, I)``, h ``(B, H)`` -> ``(B, H)``; params shared.",
+    gru_cell, ("x", "state"),
+    doc="``jit(vmap(gru_cell))``: x ``(B, I)``, state ``((B, H),)`` -> ``((B, H),)``; "
+    "params shared.",
 )
 batched_gru_cell_multipliers = batched(
-    gru_cell_multipliers, ("x", "h", "x_ref", "h_ref", "m_h1"),
-    doc="``jit(vmap(gru_cell_multipliers))``: data ``(B, ...)`` -> "
-    "``(m_x (B, I), m_h (B, H))``; params shared.",
+    gru_cell_multipliers, ("x", "state", "x_ref", "state_ref", "m_out"),
+    doc="``jit(vmap(gru_cell_multipliers))``: data ``(B, ...)`` (states and m_out as "
+    "1-tuples) -> ``(m_x (B, I), (m_h (B, H),))``; params shared.",
 )
 batched_gru_cell_multiplier_tables = batched(
-    gru_cell_multiplier_tables, ("x", "h", "x_ref", "h_ref"),
+    gru_cell_multiplier_tables, ("x", "state", "x_ref", "state_ref"),
     doc="``jit(vmap(gru_cell_multiplier_tables))``: tables gain a leading batch axis B.",
 )
 batched_gru_cell_contributions = batched(
-    gru_cell_contributions, ("x", "h", "x_ref", "h_ref"),
+    gru_cell_contributions, ("x", "state", "x_ref", "state_ref"),
     doc="``jit(vmap(gru_cell_contributions))``: tables gain a leading batch axis B.",
 )

@@ -18,8 +18,10 @@ Backward (given ``m_h'`` and ``m_c'``), each hidden unit with its own factors::
     m_z* = m_* · Rescale(z*)      m_x = W_ih^T m_z      m_h = W_hh^T m_z
 
 ``mean(u) = (u_a + u_r) / 2``. Shapes: ``I`` inputs, ``H`` hidden units, ``P`` the size of
-``h`` (``P = H`` without projection). All functions take ONE example (1-D arrays); the
-``batched_*`` versions are ``jit(vmap(...))`` over a leading batch axis of the data.
+``h`` (``P = H`` without projection). All functions take ONE example (1-D arrays), states
+and output multipliers as tuples ``(h, c)`` and ``(m_h1, m_c1)`` (GRU and RNN cells take
+1-tuples in the same places); the ``batched_*`` versions are ``jit(vmap(...))`` over a
+leading batch axis of the data.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ from reference_jax.rescale import product_multipliers, rescale
 __all__ = [
     "LSTMContributions",
     "LSTMParams",
-    "batched_cell_contributions",
-    "batched_cell_multiplier_tables",
-    "batched_cell_multipliers",
     "batched_lstm_cell",
-    "cell_contributions",
-    "cell_multiplier_tables",
-    "cell_multipliers",
+    "batched_lstm_cell_contributions",
+    "batched_lstm_cell_multiplier_tables",
+    "batched_lstm_cell_multipliers",
     "lstm_cell",
+    "lstm_cell_contributions",
+    "lstm_cell_multiplier_tables",
+    "lstm_cell_multipliers",
 ]
 
 
@@ -70,7 +72,7 @@ class LSTMContributions(NamedTuple):
     """Per-hidden-unit tables: entry ``[k, j]`` is the contribution of input element ``j``
     to output element ``k``. Row ``k`` of the ``h1_*`` tables sums to ``Δh1[k]``; row
     ``k`` of the ``c1_*`` tables sums to ``Δc1[k]``. (The same container also holds the
-    multiplier tables ``M`` of :func:`cell_multiplier_tables`, where
+    multiplier tables ``M`` of :func:`lstm_cell_multiplier_tables`, where
     ``contribution = M * Δinput[None, :]``.)
 
     Attributes:
@@ -131,8 +133,7 @@ def _check_data(params: LSTMParams, x, state, x_ref, state_ref):
     for suffix, xv, st in (("", x, state), ("_ref", x_ref, state_ref)):
         xv = _checks.array(f"x{suffix}", xv, dtype)
         _checks.shape(f"x{suffix}", xv, ("I",), (d.I,), "params.w_ih")
-        if not isinstance(st, tuple | list) or len(st) != 2:
-            raise AssertionError(f"state{suffix} must be a pair (h{suffix}, c{suffix})")
+        st = _checks.state(f"state{suffix}", st, (f"h{suffix}", f"c{suffix}"))
         h = _checks.array(f"h{suffix}", st[0], dtype)
         _checks.shape(f"h{suffix}", h, ("P",), (d.P,), "params.w_hh")
         c = _checks.array(f"c{suffix}", st[1], dtype)
@@ -186,7 +187,7 @@ def _project(params: LSTMParams, p: jax.Array) -> jax.Array:
     return p if params.w_hr is None else params.w_hr @ p
 
 
-def _lstm_cell(params: LSTMParams, x, state):
+def _cell(params: LSTMParams, x, state):
     h, c = state
     fw = _forward(params, x, h, c)
     return _project(params, fw.p), fw.c1
@@ -204,7 +205,7 @@ def lstm_cell(params: LSTMParams, x: jax.Array, state: tuple[jax.Array, jax.Arra
       ``(h1, c1)``: ``(P,)`` and ``(H,)``, dtype of ``params``.
     """
     params, _, (x, h, c), _ = _check_data(params, x, state, x, state)
-    return _lstm_cell(params, x, (h, c))
+    return _cell(params, x, (h, c))
 
 
 # --------------------------------------------------------------------------- backward
@@ -257,7 +258,7 @@ def _cell_multipliers(params: LSTMParams, x, state, x_ref, state_ref, m_out):
     return params.w_ih.T @ m_z, (params.w_hh.T @ m_z, m_c)
 
 
-def cell_multipliers(
+def lstm_cell_multipliers(
     params: LSTMParams,
     x: jax.Array,
     state: tuple[jax.Array, jax.Array],
@@ -269,7 +270,7 @@ def cell_multipliers(
 
     Exact: ``m_x·Δx + m_h·Δh + m_c·Δc == m_h1·Δh1 + m_c1·Δc1`` up to rounding, and
     ``m_in * Δin == Σ_k m_h1[k] C.h1_*[k, :] + m_c1[k] C.c1_*[k, :]`` for the tables
-    ``C`` of :func:`cell_contributions`.
+    ``C`` of :func:`lstm_cell_contributions`.
 
     Args:
       params: :class:`LSTMParams`.
@@ -281,8 +282,7 @@ def cell_multipliers(
       ``(m_x, (m_h, m_c))``: ``(I,)``, ``(P,)``, ``(H,)``, dtype of ``params``.
     """
     params, d, (x, h, c), (x_r, h_r, c_r) = _check_data(params, x, state, x_ref, state_ref)
-    if not isinstance(m_out, tuple | list) or len(m_out) != 2:
-        raise AssertionError("m_out must be a pair (m_h1, m_c1)")
+    m_out = _checks.state("m_out", m_out, ("m_h1", "m_c1"))
     dtype = params.w_ih.dtype
     m_h1 = _checks.array("m_h1", m_out[0], dtype)
     _checks.shape("m_h1", m_h1, ("P",), (d.P,), "the h1 output (params.w_hh)")
@@ -343,7 +343,7 @@ def _contributions(params, x, state, x_ref, state_ref) -> LSTMContributions:
     )
 
 
-def cell_multiplier_tables(params: LSTMParams, x, state, x_ref, state_ref) -> LSTMContributions:
+def lstm_cell_multiplier_tables(params: LSTMParams, x, state, x_ref, state_ref) -> LSTMContributions:
     """Per-hidden-unit multiplier tables ``M[k, j]`` of one LSTM step.
 
     Built in per-dimension form: the forward values are those of :func:`lstm_cell`; then,
@@ -353,7 +353,7 @@ def cell_multiplier_tables(params: LSTMParams, x, state, x_ref, state_ref) -> LS
     Nothing is pooled across units, no autodiff is used, and no input Δ is divided by.
     With a projection, the ``h1`` rows are ``W_hr`` times the per-unit ``p`` rows.
 
-    Args: as :func:`cell_contributions`.
+    Args: as :func:`lstm_cell_contributions`.
 
     Returns:
       :class:`LSTMContributions` of multipliers, shapes as documented there;
@@ -363,7 +363,7 @@ def cell_multiplier_tables(params: LSTMParams, x, state, x_ref, state_ref) -> LS
     return _multiplier_tables(params, x, (h, c), x_r, (h_r, c_r))
 
 
-def cell_contributions(
+def lstm_cell_contributions(
     params: LSTMParams,
     x: jax.Array,
     state: tuple[jax.Array, jax.Array],
@@ -372,7 +372,7 @@ def cell_contributions(
 ) -> LSTMContributions:
     """Contribution of every input element (x_j, h_j, c_j) to every output (h1_k, c1_k).
 
-    ``C[k, j] = M[k, j] · Δinput[j]`` with ``M`` from :func:`cell_multiplier_tables`.
+    ``C[k, j] = M[k, j] · Δinput[j]`` with ``M`` from :func:`lstm_cell_multiplier_tables`.
     Rows sum to the output differences: ``C.h1_x[k].sum() + C.h1_h[k].sum() +
     C.h1_c[k].sum() == h1[k] − h1_ref[k]`` (likewise for ``c1``), to float rounding.
 
@@ -397,21 +397,21 @@ batched_lstm_cell = batched(
     doc="``jit(vmap(lstm_cell))``: x ``(B, I)``, state ``((B, P), (B, H))`` -> "
     "``((B, P), (B, H))``; params shared.",
 )
-batched_cell_multipliers = batched(
-    cell_multipliers,
+batched_lstm_cell_multipliers = batched(
+    lstm_cell_multipliers,
     ("x", "state", "x_ref", "state_ref", "m_out"),
-    doc="``jit(vmap(cell_multipliers))``: every data argument gains a leading batch "
+    doc="``jit(vmap(lstm_cell_multipliers))``: every data argument gains a leading batch "
     "axis B (x ``(B, I)``, state ``((B, P), (B, H))``, ..., m_out ``((B, P), (B, H))``); "
     "returns ``(m_x (B, I), (m_h (B, P), m_c (B, H)))``; params shared.",
 )
-batched_cell_multiplier_tables = batched(
-    cell_multiplier_tables,
+batched_lstm_cell_multiplier_tables = batched(
+    lstm_cell_multiplier_tables,
     ("x", "state", "x_ref", "state_ref"),
-    doc="``jit(vmap(cell_multiplier_tables))``: tables gain a leading batch axis B.",
+    doc="``jit(vmap(lstm_cell_multiplier_tables))``: tables gain a leading batch axis B.",
 )
-batched_cell_contributions = batched(
-    cell_contributions,
+batched_lstm_cell_contributions = batched(
+    lstm_cell_contributions,
     ("x", "state", "x_ref", "state_ref"),
-    doc="``jit(vmap(cell_contributions))``: tables gain a leading batch axis B "
+    doc="``jit(vmap(lstm_cell_contributions))``: tables gain a leading batch axis B "
     "(e.g. h1_x ``(B, P, I)``); params shared.",
 )

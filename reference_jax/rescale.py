@@ -158,9 +158,8 @@ def rescale(
       z_a: actual pre-activation, any shape, floating dtype.
       z_r: reference pre-activation, same shape and dtype as ``z_a``.
       y_a, y_r: optionally the already computed ``φ(z_a)``, ``φ(z_r)`` (the forward
-        values), the numerator where it does not cancel; where ``z_a`` and ``z_r`` are on
-        the same side of 0, sigmoid and tanh use a cancellation-free closed form instead
-        (``_smooth_quotient``).
+        values), the numerator of relu's quotient; sigmoid and tanh use a
+        cancellation-free closed form instead (``_smooth_quotient``).
 
     Returns:
       ``R``, same shape and dtype as ``z_a``.
@@ -177,11 +176,13 @@ def rescale(
     far = (y_a - y_r) / safe_dz
     if act.smooth:
         near = near + act.d3(mid) * (dz * dz / 24.0)
-        # With z_a and z_r on the same side of 0, φ(z_a) − φ(z_r) cancels (in saturation
-        # both round to ±1 or 0 and the difference keeps no correct digit): use the
-        # cancellation-free closed form there. Across 0 the plain difference is exact-ish.
-        same_side = z_a * z_r > 0
-        far = jnp.where(same_side, _smooth_quotient(nonlinearity, z_a, z_r, safe_dz), far)
+        # φ(z_a) − φ(z_r) cancels wherever Δz is small against φ's scale: in saturation
+        # (both round to ±1 or 0) and also across 0 just above τ (a relative error
+        # ~eps/|Δz|, 1e-11 at τ). The cancellation-free closed form holds for any signs;
+        # only across 0 with |Δz| > 1 is the plain difference (no cancellation there) the
+        # more accurate of the two.
+        closed = (z_a * z_r > 0) | (jnp.abs(dz) <= 1.0)
+        far = jnp.where(closed, _smooth_quotient(nonlinearity, z_a, z_r, safe_dz), far)
     return jnp.where(small, near, far)
 
 

@@ -9,7 +9,9 @@ Stack layout (torch semantics):
 * Direction 1 processes the sequence backwards in time; its output at step ``t`` is the
   state it reached at ``t`` (so ``out[t] = [h_fwd_t, h_rev_t]``).
 * Initial / final states are stacked along a leading axis of size ``L·D`` in torch
-  order: index ``l·D + d``.
+  order: index ``l·D + d``. They are tuples for every kind, as for the cells:
+  ``state0 = (h0, c0)`` for LSTM, ``(h0,)`` for GRU and RNN (likewise the final states and
+  the multipliers of both).
 
 Backward: layer by layer from the top, each direction scanned against its own time order,
 the step's output multiplier ``m_out[t]`` added to the multiplier carried from step
@@ -81,31 +83,16 @@ def _rnn_check(p, name):
     return p, i_dim, h_dim, h_dim
 
 
-_LSTM = _Kind(
-    "LSTM", LSTMParams, _lstm_check,
-    lambda p, x, s: lstm._lstm_cell(p, x, s),
-    lambda p, x, s, xr, sr, ms: lstm._cell_multipliers(p, x, s, xr, sr, ms),
-)
-_GRU = _Kind(
-    "GRU", GRUParams, _gru_check,
-    lambda p, x, s: (gru._gru_cell(p, x, s[0]),),
-    lambda p, x, s, xr, sr, ms: _wrap_h(gru._gru_cell_multipliers(p, x, s[0], xr, sr[0], ms[0])),
-)
-
-
-def _wrap_h(result):
-    m_x, m_h = result
-    return m_x, (m_h,)
+_LSTM = _Kind("LSTM", LSTMParams, _lstm_check, lstm._cell, lstm._cell_multipliers)
+_GRU = _Kind("GRU", GRUParams, _gru_check, gru._cell, gru._cell_multipliers)
 
 
 def _rnn_kind(nonlinearity: str) -> _Kind:
     rnn._check_nonlinearity(nonlinearity)
     return _Kind(
         "RNN", RNNParams, _rnn_check,
-        lambda p, x, s: (rnn._rnn_cell(p, x, s[0], nonlinearity),),
-        lambda p, x, s, xr, sr, ms: _wrap_h(
-            rnn._rnn_cell_multipliers(p, x, s[0], xr, sr[0], ms[0], nonlinearity)
-        ),
+        functools.partial(rnn._cell, nonlinearity=nonlinearity),
+        functools.partial(rnn._cell_multipliers, nonlinearity=nonlinearity),
     )
 
 
@@ -382,77 +369,79 @@ def lstm_sequence_multipliers(
 # --------------------------------------------------------------------------- GRU
 
 
-def gru_sequence(params: Sequence[Sequence[GRUParams]], x: jax.Array, h0: jax.Array):
+def gru_sequence(params: Sequence[Sequence[GRUParams]], x: jax.Array, state0: tuple[jax.Array]):
     """Forward of a whole ``nn.GRU`` stack for one example.
 
     Args:
-      params: ``params[l][d]`` :class:`GRUParams`.  x: ``(T, I)``.  h0: ``(L*D, H)``.
+      params: ``params[l][d]`` :class:`GRUParams`.  x: ``(T, I)``.
+      state0: ``(h0,)``, ``h0`` ``(L*D, H)``.
 
     Returns:
-      ``(out (T, D*H), h_n (L*D, H))``.
+      ``(out (T, D*H), (h_n (L*D, H),))``.
     """
-    out, (h_n,) = _sequence(_GRU, params, x, (h0,))
-    return out, h_n
+    return _sequence(_GRU, params, x, _pair("state0", state0, 1))
 
 
 def gru_sequence_multipliers(
-    params: Sequence[Sequence[GRUParams]], x: jax.Array, h0: jax.Array, x_ref: jax.Array,
-    h0_ref: jax.Array, m_out: tuple[jax.Array, jax.Array],
+    params: Sequence[Sequence[GRUParams]], x: jax.Array, state0: tuple[jax.Array],
+    x_ref: jax.Array, state0_ref: tuple[jax.Array], m_out: tuple[jax.Array, jax.Array],
 ):
     """Exact DeepLIFT multipliers of the inputs of a whole ``nn.GRU`` stack.
 
     Args:
       params: ``params[l][d]`` :class:`GRUParams`.  x, x_ref: ``(T, I)``.
-      h0, h0_ref: ``(L*D, H)``.  m_out: ``(m_out (T, D*H), m_hn (L*D, H))``.
+      state0, state0_ref: ``(h0,)``, ``(h0_ref,)``, ``(L*D, H)`` each.
+      m_out: ``(m_out (T, D*H), m_hn (L*D, H))``.
 
     Returns:
-      ``(m_x (T, I), m_h0 (L*D, H))``.
+      ``(m_x (T, I), (m_h0 (L*D, H),))``.
     """
-    m_x, (m_h0,) = _sequence_multipliers(
-        _GRU, params, x, (h0,), x_ref, (h0_ref,), _pair("m_out", m_out, 2)
+    return _sequence_multipliers(
+        _GRU, params, x, _pair("state0", state0, 1), x_ref, _pair("state0_ref", state0_ref, 1),
+        _pair("m_out", m_out, 2),
     )
-    return m_x, m_h0
 
 
 # --------------------------------------------------------------------------- RNN
 
 
 def rnn_sequence(
-    params: Sequence[Sequence[RNNParams]], x: jax.Array, h0: jax.Array,
+    params: Sequence[Sequence[RNNParams]], x: jax.Array, state0: tuple[jax.Array],
     nonlinearity: RNNNonlinearity = "tanh",
 ):
     """Forward of a whole ``nn.RNN`` stack for one example.
 
     Args:
-      params: ``params[l][d]`` :class:`RNNParams`.  x: ``(T, I)``.  h0: ``(L*D, H)``.
+      params: ``params[l][d]`` :class:`RNNParams`.  x: ``(T, I)``.
+      state0: ``(h0,)``, ``h0`` ``(L*D, H)``.
       nonlinearity: ``"tanh"`` or ``"relu"`` (static, every layer).
 
     Returns:
-      ``(out (T, D*H), h_n (L*D, H))``.
+      ``(out (T, D*H), (h_n (L*D, H),))``.
     """
-    out, (h_n,) = _sequence(_rnn_kind(nonlinearity), params, x, (h0,))
-    return out, h_n
+    return _sequence(_rnn_kind(nonlinearity), params, x, _pair("state0", state0, 1))
 
 
 def rnn_sequence_multipliers(
-    params: Sequence[Sequence[RNNParams]], x: jax.Array, h0: jax.Array, x_ref: jax.Array,
-    h0_ref: jax.Array, m_out: tuple[jax.Array, jax.Array],
+    params: Sequence[Sequence[RNNParams]], x: jax.Array, state0: tuple[jax.Array],
+    x_ref: jax.Array, state0_ref: tuple[jax.Array], m_out: tuple[jax.Array, jax.Array],
     nonlinearity: RNNNonlinearity = "tanh",
 ):
     """Exact DeepLIFT multipliers of the inputs of a whole ``nn.RNN`` stack.
 
     Args:
       params: ``params[l][d]`` :class:`RNNParams`.  x, x_ref: ``(T, I)``.
-      h0, h0_ref: ``(L*D, H)``.  m_out: ``(m_out (T, D*H), m_hn (L*D, H))``.
+      state0, state0_ref: ``(h0,)``, ``(h0_ref,)``, ``(L*D, H)`` each.
+      m_out: ``(m_out (T, D*H), m_hn (L*D, H))``.
       nonlinearity: ``"tanh"`` or ``"relu"`` (static).
 
     Returns:
-      ``(m_x (T, I), m_h0 (L*D, H))``.
+      ``(m_x (T, I), (m_h0 (L*D, H),))``.
     """
-    m_x, (m_h0,) = _sequence_multipliers(
-        _rnn_kind(nonlinearity), params, x, (h0,), x_ref, (h0_ref,), _pair("m_out", m_out, 2)
+    return _sequence_multipliers(
+        _rnn_kind(nonlinearity), params, x, _pair("state0", state0, 1), x_ref,
+        _pair("state0_ref", state0_ref, 1), _pair("m_out", m_out, 2),
     )
-    return m_x, m_h0
 
 
 # --------------------------------------------------------------------------- batched
@@ -471,20 +460,22 @@ batched_lstm_sequence_multipliers = batched(
     "(B, L*D, H))`` -> ``(m_x (B, T, I), (m_h0, m_c0))``.",
 )
 batched_gru_sequence = batched(
-    gru_sequence, ("x", "h0"),
-    doc="``jit(vmap(gru_sequence))``, batch first: x ``(B, T, I)``, h0 ``(B, L*D, H)``.",
+    gru_sequence, ("x", "state0"),
+    doc="``jit(vmap(gru_sequence))``, batch first: x ``(B, T, I)``, state0 ``((B, L*D, H),)`` "
+    "-> ``(out (B, T, D*H), (h_n (B, L*D, H),))``.",
 )
 batched_gru_sequence_multipliers = batched(
-    gru_sequence_multipliers, ("x", "h0", "x_ref", "h0_ref", "m_out"),
+    gru_sequence_multipliers, ("x", "state0", "x_ref", "state0_ref", "m_out"),
     doc="``jit(vmap(gru_sequence_multipliers))``, batch first; m_out "
-    "``((B, T, D*H), (B, L*D, H))`` -> ``(m_x (B, T, I), m_h0 (B, L*D, H))``.",
+    "``((B, T, D*H), (B, L*D, H))`` -> ``(m_x (B, T, I), (m_h0 (B, L*D, H),))``.",
 )
 batched_rnn_sequence = batched(
-    rnn_sequence, ("x", "h0"), static_argnames=_NL,
-    doc="``jit(vmap(rnn_sequence))``, batch first; ``nonlinearity=`` keyword (static).",
+    rnn_sequence, ("x", "state0"), static_argnames=_NL,
+    doc="``jit(vmap(rnn_sequence))``, batch first, as :data:`batched_gru_sequence`; "
+    "``nonlinearity=`` keyword (static).",
 )
 batched_rnn_sequence_multipliers = batched(
-    rnn_sequence_multipliers, ("x", "h0", "x_ref", "h0_ref", "m_out"), static_argnames=_NL,
-    doc="``jit(vmap(rnn_sequence_multipliers))``, batch first; ``nonlinearity=`` keyword "
-    "(static).",
+    rnn_sequence_multipliers, ("x", "state0", "x_ref", "state0_ref", "m_out"), static_argnames=_NL,
+    doc="``jit(vmap(rnn_sequence_multipliers))``, batch first, as "
+    ":data:`batched_gru_sequence_multipliers`; ``nonlinearity=`` keyword (static).",
 )

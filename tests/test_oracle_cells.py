@@ -36,24 +36,26 @@ N_CELLS = 12  # cells per jit call
 
 def _lstm_all_one(params, x, s, xr, sr, m_out):
     return (rj.lstm_cell(params, x, s), rj.lstm_cell(params, xr, sr),
-            rj.cell_multiplier_tables(params, x, s, xr, sr),
-            rj.cell_contributions(params, x, s, xr, sr),
-            rj.cell_multipliers(params, x, s, xr, sr, m_out))
+            rj.lstm_cell_multiplier_tables(params, x, s, xr, sr),
+            rj.lstm_cell_contributions(params, x, s, xr, sr),
+            rj.lstm_cell_multipliers(params, x, s, xr, sr, m_out))
 
 
+# GRU and RNN cells share the LSTM signature with 1-tuples; these helpers unwrap them so the
+# checks below can treat h and m_h1 as plain arrays.
 def _gru_all_one(params, x, h, xr, hr, m_h1):
-    return (rj.gru_cell(params, x, h), rj.gru_cell(params, xr, hr),
-            rj.gru_cell_multiplier_tables(params, x, h, xr, hr),
-            rj.gru_cell_contributions(params, x, h, xr, hr),
-            rj.gru_cell_multipliers(params, x, h, xr, hr, m_h1))
+    (h1,), (h1r,) = rj.gru_cell(params, x, (h,)), rj.gru_cell(params, xr, (hr,))
+    m_x, (m_h,) = rj.gru_cell_multipliers(params, x, (h,), xr, (hr,), (m_h1,))
+    return (h1, h1r, rj.gru_cell_multiplier_tables(params, x, (h,), xr, (hr,)),
+            rj.gru_cell_contributions(params, x, (h,), xr, (hr,)), (m_x, m_h))
 
 
 def _rnn_all_one(params, x, h, xr, hr, m_h1, nonlinearity):
     kw = dict(nonlinearity=nonlinearity)
-    return (rj.rnn_cell(params, x, h, **kw), rj.rnn_cell(params, xr, hr, **kw),
-            rj.rnn_cell_multiplier_tables(params, x, h, xr, hr, **kw),
-            rj.rnn_cell_contributions(params, x, h, xr, hr, **kw),
-            rj.rnn_cell_multipliers(params, x, h, xr, hr, m_h1, **kw))
+    (h1,), (h1r,) = rj.rnn_cell(params, x, (h,), **kw), rj.rnn_cell(params, xr, (hr,), **kw)
+    m_x, (m_h,) = rj.rnn_cell_multipliers(params, x, (h,), xr, (hr,), (m_h1,), **kw)
+    return (h1, h1r, rj.rnn_cell_multiplier_tables(params, x, (h,), xr, (hr,), **kw),
+            rj.rnn_cell_contributions(params, x, (h,), xr, (hr,), **kw), (m_x, m_h))
 
 
 _lstm_all = _jit(jax.vmap(_lstm_all_one))
@@ -277,10 +279,10 @@ def test_lstm_batched_api_matches_per_example():
     got_h1, got_c1 = rj.batched_lstm_cell(p0, x, (h, c))
     close(got_h1, h1)
     close(got_c1, c1)
-    for g, w in zip(rj.batched_cell_contributions(p0, x, (h, c), xr, (hr, cr)), ct,
+    for g, w in zip(rj.batched_lstm_cell_contributions(p0, x, (h, c), xr, (hr, cr)), ct,
                     strict=True):
         close(g, w)
-    got_x, (got_h, got_c) = rj.batched_cell_multipliers(p0, x, (h, c), xr, (hr, cr), m_out)
+    got_x, (got_h, got_c) = rj.batched_lstm_cell_multipliers(p0, x, (h, c), xr, (hr, cr), m_out)
     close(got_x, m_x)
     close(got_h, m_h)
     close(got_c, m_c)
@@ -298,7 +300,7 @@ def test_gru_and_rnn_batched_api_match_per_example():
         shared = type(params)(*(np.broadcast_to(a, (N_CELLS, *a.shape)) for a in p0))
         m_h1 = rng.normal(size=h.shape)
         *_, (m_x, m_h) = all_fn(shared, x, h, xr, hr, m_h1)
-        got_x, got_h = batched_fn(p0, x, h, xr, hr, m_h1, *extra)  # nonlinearity by position
+        got_x, (got_h,) = batched_fn(p0, x, (h,), xr, (hr,), (m_h1,), *extra)  # nonlinearity by position
         close(got_x, m_x)
         close(got_h, m_h)
 
@@ -483,8 +485,8 @@ def test_rnn_relu_straddling_zero_is_exact():
     """relu with z_a, z_r on both sides of 0 within the smooth-φ threshold: still exact."""
     params = rj.RNNParams(np.array([[1.0]]), np.zeros((1, 1)), np.zeros(1), np.zeros(1))
     for za, zr in ((3e-6, -2e-6), (-1e-9, 4e-9), (1e-300, -1e-300)):
-        ct = rj.rnn_cell_contributions(params, np.array([za]), np.zeros(1), np.array([zr]),
-                                       np.zeros(1), nonlinearity="relu")
+        ct = rj.rnn_cell_contributions(params, np.array([za]), (np.zeros(1),), np.array([zr]),
+                                       (np.zeros(1),), nonlinearity="relu")
         want = max(za, 0.0) - max(zr, 0.0)
         np.testing.assert_allclose(float(ct.h1_x[0, 0]), want, rtol=1e-15)
 
@@ -497,11 +499,11 @@ def test_argument_errors_name_the_argument():
     x, h, c = np.zeros(3), np.zeros(2), np.zeros(2)
     with pytest.raises(AssertionError, match=r"x must have shape \(I,\)=\(3,\) to match "
                                              r"params.w_ih, got \(4,\)"):
-        rj.cell_contributions(p, np.zeros(4), (h, c), x, (h, c))
+        rj.lstm_cell_contributions(p, np.zeros(4), (h, c), x, (h, c))
     with pytest.raises(AssertionError, match=r"c_ref must have shape \(H,\)=\(2,\)"):
-        rj.cell_multipliers(p, x, (h, c), x, (h, np.zeros(3)), (h, c))
+        rj.lstm_cell_multipliers(p, x, (h, c), x, (h, np.zeros(3)), (h, c))
     with pytest.raises(AssertionError, match=r"m_c1 must have shape"):
-        rj.cell_multipliers(p, x, (h, c), x, (h, c), (h, np.zeros(5)))
+        rj.lstm_cell_multipliers(p, x, (h, c), x, (h, c), (h, np.zeros(5)))
     with pytest.raises(AssertionError, match=r"params.w_hh must have shape \(4H, P\)"):
         rj.lstm_cell(p._replace(w_hh=np.zeros((8, 3))), x, (h, c))
     with pytest.raises(AssertionError, match=r"params.w_ih must have 4\*H rows"):
@@ -510,15 +512,41 @@ def test_argument_errors_name_the_argument():
         rj.lstm_cell(p, x.astype(np.float32), (h, c))
     with pytest.raises(AssertionError, match=r"h_ref must have shape \(H,\)=\(2,\)"):
         gp = rj.GRUParams(np.zeros((6, 3)), np.zeros((6, 2)), np.zeros(6), np.zeros(6))
-        rj.gru_cell_contributions(gp, x, h, x, np.zeros(1))
+        rj.gru_cell_contributions(gp, x, (h,), x, (np.zeros(1),))
     with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu'"):
         rp = rj.RNNParams(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros(2), np.zeros(2))
-        rj.rnn_cell(rp, x, h, nonlinearity="sigmoid")
+        rj.rnn_cell(rp, x, (h,), nonlinearity="sigmoid")
     with pytest.raises(AssertionError, match=r"state\[0\] must have batch size B=3 \(the "
                                              r"leading axis of x\), got shape \(2, 2\)"):
-        rj.batched_cell_multipliers(p, np.zeros((3, 3)), (np.zeros((2, 2)), np.zeros((2, 2))),
+        rj.batched_lstm_cell_multipliers(p, np.zeros((3, 3)), (np.zeros((2, 2)), np.zeros((2, 2))),
                                     np.zeros((2, 3)), (np.zeros((2, 2)), np.zeros((2, 2))),
                                     (np.zeros((2, 2)), np.zeros((2, 2))))
+
+
+def test_every_cell_has_one_signature():
+    """LSTM, GRU and RNN cells: state and output multipliers are tuples, in the same
+    argument positions and under the same names; a bare array where a tuple belongs is an
+    error that names the argument."""
+    import inspect
+
+    names = {kind: [p for p in inspect.signature(getattr(rj, f"{kind}_cell_multipliers")).parameters
+                    if p != "nonlinearity"] for kind in ("lstm", "gru", "rnn")}
+    assert names["lstm"] == names["gru"] == names["rnn"] == [
+        "params", "x", "state", "x_ref", "state_ref", "m_out"]
+    for kind in ("lstm", "gru", "rnn"):
+        for fn in ("cell", "cell_contributions", "cell_multiplier_tables"):
+            params = list(inspect.signature(getattr(rj, f"{kind}_{fn}")).parameters)
+            assert params[:3] == ["params", "x", "state"], (kind, fn, params)
+    assert not hasattr(rj, "cell_multipliers") and not hasattr(rj, "batched_cell_multipliers")
+    gp = rj.GRUParams(np.zeros((6, 3)), np.zeros((6, 2)), np.zeros(6), np.zeros(6))
+    x, h = np.zeros(3), np.zeros(2)
+    (h1,) = rj.gru_cell(gp, x, (h,))
+    assert h1.shape == (2,)
+    with pytest.raises(AssertionError, match=r"state must be a tuple \(h,\), got a ndarray"):
+        rj.gru_cell(gp, x, h)
+    with pytest.raises(AssertionError, match=r"m_out must be a tuple \(m_h1,\)"):
+        rp = rj.RNNParams(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros(2), np.zeros(2))
+        rj.rnn_cell_multipliers(rp, x, (h,), x, (h,), h)
 
 
 def test_float32_cells_run_and_sum():

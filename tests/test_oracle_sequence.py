@@ -164,28 +164,23 @@ def _nl(kind):
 
 
 def _forward_fn(kind):
-    """The exported batched forward, as (params, x, states) -> (out, states tuple)."""
+    """The exported batched forward, (params, x, states) -> (out, states tuple): one
+    signature for every kind (RNN adds its nonlinearity)."""
     if kind == "lstm":
         return rj.batched_lstm_sequence
     if kind == "gru":
-        return lambda params, x, s: _h_only(rj.batched_gru_sequence(params, x, s[0]))
-    return lambda params, x, s: _h_only(rj.batched_rnn_sequence(params, x, s[0], _nl(kind)))
+        return rj.batched_gru_sequence
+    return functools.partial(rj.batched_rnn_sequence, nonlinearity=_nl(kind))
 
 
 def _multipliers_fn(kind):
-    """The exported batched multipliers, as (params, x, s, x_ref, s_ref, m_out) ->
+    """The exported batched multipliers, (params, x, s, x_ref, s_ref, m_out) ->
     (m_x, m_states tuple)."""
     if kind == "lstm":
         return rj.batched_lstm_sequence_multipliers
     if kind == "gru":
-        return lambda params, x, s, xr, sr, m: _h_only(
-            rj.batched_gru_sequence_multipliers(params, x, s[0], xr, sr[0], m))
-    return lambda params, x, s, xr, sr, m: _h_only(
-        rj.batched_rnn_sequence_multipliers(params, x, s[0], xr, sr[0], m, _nl(kind)))
-
-
-def _h_only(result):
-    return result[0], (result[1],)
+        return rj.batched_gru_sequence_multipliers
+    return functools.partial(rj.batched_rnn_sequence_multipliers, nonlinearity=_nl(kind))
 
 
 def _run(cfg, params, data):
@@ -409,7 +404,7 @@ def test_single_step_sequence_is_the_cell():
     )
     m_x, (m_h0, m_c0) = _jit(rj.lstm_sequence_multipliers)(
         params, x, (h0, c0), xr, (h0r, c0r), (m_o, m_hn, m_cn))
-    c_x, (c_h, c_c) = _jit(rj.cell_multipliers)(
+    c_x, (c_h, c_c) = _jit(rj.lstm_cell_multipliers)(
         params[0][0], x[0], (h0[0], c0[0]), xr[0], (h0r[0], c0r[0]), (m_o[0] + m_hn[0], m_cn[0]))
     np.testing.assert_allclose(np.asarray(m_x)[0], np.asarray(c_x), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(np.asarray(m_h0)[0], np.asarray(c_h), rtol=1e-13, atol=1e-15)
@@ -437,4 +432,4 @@ def test_sequence_argument_errors():
         rj.lstm_sequence_multipliers(params, x, (h0, c0), x, (h0, c0),
                                      (np.zeros((4, 2)), h0, c0))
     with pytest.raises(TypeError, match=r"params must be a non-empty list"):
-        rj.gru_sequence(params[0][0], x, h0)
+        rj.gru_sequence(params[0][0], x, (h0,))
