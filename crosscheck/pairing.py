@@ -20,8 +20,9 @@ from torch import nn
 
 import reference_jax as oracle
 import torch_handler
+from torch_handler.additivity import tolerance_for
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+TOLERANCE = {dtype: tolerance_for(dtype) for dtype in (torch.float64, torch.float32)}  # the one definition
 
 
 def relative_error(ours, reference) -> float:

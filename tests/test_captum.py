@@ -24,13 +24,13 @@ import warnings
 import pytest
 import torch
 from captum.attr import DeepLift, DeepLiftShap, LayerDeepLift, LayerDeepLiftShap
-from helpers import model_state
+from helpers import TOLERANCE, model_state
 from torch import nn
 
 import torch_handler
 from torch_handler.mode import is_active
 
-BAR = {torch.float64: 1e-10, torch.float32: 1e-5}
+BAR = TOLERANCE  # the project's one definition of "exact" (torch_handler.additivity)
 DTYPES = [torch.float64, torch.float32]
 
 pytestmark = [

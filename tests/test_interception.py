@@ -15,6 +15,7 @@ import shap
 import torch
 import torch.nn.functional as F
 from captum.attr import DeepLift
+from helpers import TOLERANCE
 from torch import nn
 
 import torch_handler
@@ -26,7 +27,7 @@ from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning,
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-BAR = {torch.float64: 1e-10, torch.float32: 1e-5}
+BAR = TOLERANCE  # the project's one definition of "exact" (torch_handler.additivity)
 
 
 def captum_error(model, x, r, target=0):
@@ -306,10 +307,20 @@ def test_models_without_recurrent_modules_are_left_to_the_engine():
 def test_nothing_is_left_behind():
     from torch.nn.modules import module as torch_module
 
+    import tangermeme.deep_lift_shap as tdls
+    from shap.explainers._deep.deep_pytorch import PyTorchDeep
+
+    seams = [(PyTorchDeep, "add_handles"), (DeepLift, "_can_register_hook"), (tdls, "_register_hooks")]
+    engines = [getattr(owner, name) for owner, name in seams]
     model = MHAHead(batch_first=True, need_weights=False).double().eval()
     state = {name: set(vars(m)) for name, m in model.named_modules()}
     x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
-    captum_error(model, x, r)
+    with torch_handler.deeplift_mode(model):
+        assert all(getattr(owner, name) is not engine for (owner, name), engine in zip(seams, engines, strict=True))
+        captum_error(model, x, r)  # nested: the seams stay until the outer explanation ends
+        assert all(getattr(owner, name) is not engine for (owner, name), engine in zip(seams, engines, strict=True))
+    # The engines are exactly as found once nothing is explained.
+    assert all(getattr(owner, name) is engine for (owner, name), engine in zip(seams, engines, strict=True))
     assert not torch_module._global_forward_pre_hooks and not torch_module._global_forward_hooks
     assert {name: set(vars(m)) for name, m in model.named_modules()} == state
     assert interception.current() is None

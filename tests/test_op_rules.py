@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOLERANCE
 
 from torch_handler.ops import OP_RULES, rule_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 mpmath.mp.dps = 50
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+TOL = TOLERANCE  # the project's one definition of "exact" (torch_handler.additivity)
 DTYPES = [torch.float64, torch.float32]
 N, S = 4, 12
 

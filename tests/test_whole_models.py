@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import DeepLift, DeepLiftShap, LayerDeepLift, LayerDeepLiftShap
-from helpers import additivity_error, explain, model_state
+from helpers import TOLERANCE, additivity_error, explain, model_state
 from tangermeme.deep_lift_shap import deep_lift_shap
 from torch import nn
 
@@ -38,7 +38,7 @@ from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import whole_model_zoo as zoo  # noqa: E402
 
-BAR = {torch.float64: 1e-10, torch.float32: 1e-5}
+BAR = TOLERANCE  # the project's one definition of "exact" (torch_handler.additivity)
 DTYPES = [torch.float64, torch.float32]
 FAMILIES = list(zoo.FAMILIES)
 TARGET = 1

@@ -15,6 +15,7 @@ supported classes are declared once, in :mod:`torch_handler.registry`.
 """
 
 from .errors import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
+from .interception import UnsupportedOpError, UnsupportedOpWarning
 from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
 from .registry import REGISTRY, SUPPORTED_MODULES
 from .shap_integration import (
@@ -40,6 +41,8 @@ __all__ = [
     "REGISTRY",
     "SUPPORTED_MODULES",
     "UnsupportedConfigurationError",
+    "UnsupportedOpError",
+    "UnsupportedOpWarning",
     "UnsupportedVersionError",
     "UntestedVersionWarning",
     "current_explanation",

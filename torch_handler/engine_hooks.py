@@ -176,27 +176,58 @@ def _guarded(function) -> bool:
     return False
 
 
+_users = 0  # explanations using the seams, every thread together
+_installed: list[tuple[object, str, object, object]] = []  # (owner, name, original, wrapper)
+
+
+def _seams():
+    """(owner, attribute, guard factory) of each installed engine's seam."""
+    try:
+        from shap.explainers._deep import deep_pytorch
+    except Exception:  # noqa: BLE001 - shap absent or broken: nothing to guard
+        pass
+    else:
+        yield deep_pytorch.PyTorchDeep, "add_handles", _guard_shap_add_handles
+    try:
+        from captum.attr._core.deep_lift import DeepLift
+    except Exception:  # noqa: BLE001
+        pass
+    else:
+        yield DeepLift, "_can_register_hook", _guard_captum_can_register
+    try:
+        import tangermeme.deep_lift_shap as tdls
+    except Exception:  # noqa: BLE001
+        pass
+    else:
+        yield tdls, "_register_hooks", _guard_tangermeme_register
+
+
 def install() -> None:
-    """Wrap each installed engine's seam once (idempotent; re-wraps after an ``unregister``
-    restored shap's original). The wrappers are inert outside an explanation."""
+    """Wrap each installed engine's seam while explanations are active. Counted: the first
+    explanation to start wraps, :func:`uninstall` by the last to end puts the originals back, so
+    the engines are exactly as found whenever nothing is explained. The wrappers are inert for
+    other contexts and for modules outside the explained model."""
+    global _users
     with _lock:
-        try:
-            from shap.explainers._deep import deep_pytorch
-        except Exception:  # noqa: BLE001 - shap absent: nothing to guard
-            deep_pytorch = None
-        if deep_pytorch is not None:
-            cls = deep_pytorch.PyTorchDeep
-            if not _guarded(cls.add_handles):
-                cls.add_handles = _guard_shap_add_handles(cls.add_handles)
-        try:
-            from captum.attr._core.deep_lift import DeepLift
-        except Exception:  # noqa: BLE001
-            DeepLift = None
-        if DeepLift is not None and not _guarded(DeepLift._can_register_hook):
-            DeepLift._can_register_hook = _guard_captum_can_register(DeepLift._can_register_hook)
-        try:
-            import tangermeme.deep_lift_shap as tdls
-        except Exception:  # noqa: BLE001
-            tdls = None
-        if tdls is not None and not _guarded(tdls._register_hooks):
-            tdls._register_hooks = _guard_tangermeme_register(tdls._register_hooks)
+        if _users == 0:
+            for owner, name, guard in _seams():
+                original = getattr(owner, name)
+                if not _guarded(original):
+                    wrapper = guard(original)
+                    setattr(owner, name, wrapper)
+                    _installed.append((owner, name, original, wrapper))
+        _users += 1
+
+
+def uninstall() -> None:
+    """Undo :func:`install` once; the last user puts each original back, unless someone wrapped
+    the seam again meanwhile (``register()``'s shap wrapper, another library): theirs stays,
+    and our inert wrapper with it, rather than dropping their patch."""
+    global _users
+    with _lock:
+        _users -= 1
+        if _users == 0:
+            while _installed:
+                owner, name, original, wrapper = _installed.pop()
+                if getattr(owner, name) is wrapper:
+                    setattr(owner, name, original)

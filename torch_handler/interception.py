@@ -321,6 +321,7 @@ def intercepting(model: nn.Module, recurrent, strict: bool = False):
         yield explanation
     finally:
         _uninstall_hooks()
+        engine_hooks.uninstall()
         if explanation.mode is not None:  # a forward that raised before its hook could close it
             with contextlib.suppress(Exception):
                 explanation.mode.__exit__(None, None, None)
