@@ -305,10 +305,9 @@ def test_models_without_recurrent_modules_are_left_to_the_engine():
 
 
 def test_nothing_is_left_behind():
-    from torch.nn.modules import module as torch_module
-
     import tangermeme.deep_lift_shap as tdls
     from shap.explainers._deep.deep_pytorch import PyTorchDeep
+    from torch.nn.modules import module as torch_module
 
     seams = [(PyTorchDeep, "add_handles"), (DeepLift, "_can_register_hook"), (tdls, "_register_hooks")]
     engines = [getattr(owner, name) for owner, name in seams]

@@ -14,8 +14,14 @@ context explains. The rule for each cell type lives in :mod:`torch_handler.rules
 supported classes are declared once, in :mod:`torch_handler.registry`.
 """
 
-from .errors import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
-from .interception import UnsupportedOpError, UnsupportedOpWarning
+from .errors import (
+    AdditivityError,
+    DoubledBatchError,
+    NonFiniteError,
+    UnsupportedConfigurationError,
+    UnsupportedOpError,
+    UnsupportedOpWarning,
+)
 from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
 from .registry import REGISTRY, SUPPORTED_MODULES
 from .shap_integration import (

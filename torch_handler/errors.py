@@ -27,3 +27,11 @@ class NonFiniteError(ValueError):
 
     Subclasses ValueError, the type raised for non-finite inputs, so one ``except`` covers both.
     """
+
+
+class UnsupportedOpError(UnsupportedConfigurationError):
+    """An op without a DeepLIFT rule ran on input-dependent tensors (``deeplift_mode(model, strict=True)``)."""
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op without a DeepLIFT rule ran on input-dependent tensors: attributions may not sum to Δf."""

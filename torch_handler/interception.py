@@ -43,18 +43,10 @@ from torch.utils.weak import WeakIdKeyDictionary, WeakTensorKeyDictionary
 
 from . import batch_axis as ba
 from .batch_axis import Axis
-from .errors import DoubledBatchError, UnsupportedConfigurationError
+from .errors import DoubledBatchError, UnsupportedOpError, UnsupportedOpWarning
 
 MINIMUM_TORCH = "2.13"
 _HAS_REDISPATCH = hasattr(torch.overrides, "redispatch_function")
-
-
-class UnsupportedOpError(UnsupportedConfigurationError):
-    """An op without a DeepLIFT rule ran on input-dependent tensors (``strict=True``)."""
-
-
-class UnsupportedOpWarning(UserWarning):
-    """An op without a DeepLIFT rule ran on input-dependent tensors: attributions may not sum."""
 
 
 # ---------------------------------------------------------------------------------------------
