@@ -1,6 +1,6 @@
 """The autograd Function that carries the rule through time.
 
-Why a ``torch.autograd.Function`` and not module backward hooks (RULES.md §3): a hook on
+Why a ``torch.autograd.Function`` and not module backward hooks: a hook on
 ``nn.LSTMCell`` cannot return multipliers for the ``hx`` tuple, a cell reused over steps
 overwrites whatever a forward hook saved, and ``nn.LSTM``'s hook never fires when only
 ``h_n`` is read. A Function sits inside the graph: each call gets its own ``ctx`` (so a cell

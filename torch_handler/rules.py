@@ -2,11 +2,13 @@
 
 Every engine integration (shap, Captum, tangermeme) ends up here: the autograd Function in
 :mod:`torch_handler.function` runs a cell's ``step`` forward through time on the doubled batch
-``cat([actual, reference])``, writing into the rule's ``forward_buffers``, and, in backward,
-turns output multipliers into input multipliers with ``coefficients`` (vectorised over a
-chunk of steps) and ``step_backward``. Nothing else in the package knows the cell equations.
+``cat([actual, reference])``, writing into the rule's ``forward_buffers`` (with per-step
+scratch from ``step_workspace``), and, in backward, turns output multipliers into input
+multipliers with ``coefficients`` (vectorised over a chunk of steps), ``step_factors`` (the
+same, arranged so that a step needs few kernels) and ``step_backward``. Nothing else in the
+package knows the cell equations.
 
-Notation (RULES.md §1): every quantity has an actual value ``a`` (first half of the batch)
+Notation: every quantity has an actual value ``a`` (first half of the batch)
 and a reference value ``r`` (second half); ``mean(u) = (u_a + u_r) / 2``.
 
 * Linear maps use the chain rule.
@@ -293,12 +295,19 @@ def _recurrent_multiplier(m_side: Tensor, w_hh: Tensor, grad_prev: Tensor | None
 
 class GRUWeights(NamedTuple):
     """One GRU layer-direction, gate order r, z, n, with the n rows doubled (see
-    :meth:`GRURule.weights`): w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,)."""
+    :meth:`GRURule.weights`).
+
+    w_ih (3H, I); w_hh (3H, H); bias_x (3H,) = b_ih + (b_hr, b_hz, 0) or None (the r and z
+    biases of both sides, added once with the input projection); b_hn (H,) or None;
+    w_rz_t (H, 2H) and w_n_t (H, H): the transposed r, z and n rows of w_hh, contiguous.
+    """
 
     w_ih: Tensor
     w_hh: Tensor
-    b_ih: Tensor | None
-    b_hh: Tensor | None
+    bias_x: Tensor | None
+    b_hn: Tensor | None
+    w_rz_t: Tensor
+    w_n_t: Tensor
 
 
 class GRURule:
@@ -311,8 +320,9 @@ class GRURule:
     computes ``u = 2 pre_n = W'_in x + b'_in + r ⊙ hn'`` and ``n = 2σ(u) − 1``: one sigmoid
     kernel instead of a (slower) tanh, the same rule in exact arithmetic.
 
-    State ``(h,)`` with h (B, H). Forward buffers: the input side GX (T, B, 3H), the
-    recurrent side GH (T, B, 3H) and OUT (T, B, H); backward recomputes the gates.
+    State ``(h,)`` with h (B, H). Forward buffers: GX (T, B, 3H), the input projection, whose
+    r and z columns each step completes in place to the pre-activations pre_r, pre_z; HN
+    (T, B, H) = hn'; OUT (T, B, H). Backward recomputes the gates.
     """
 
     name = "GRU"
@@ -320,12 +330,19 @@ class GRURule:
     @staticmethod
     def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> GRUWeights:
         """The layer's weights with n's rows doubled (``u = 2 pre_n``)."""
-        return GRUWeights(*(_double_block(w, 2, 3) for w in (w_ih, w_hh, b_ih, b_hh)))
+        w_ih, w_hh, b_ih, b_hh = (_double_block(w, 2, 3) for w in (w_ih, w_hh, b_ih, b_hh))
+        H = w_hh.shape[1]
+        bias_x = b_hn = None
+        if b_ih is not None:
+            bias_x = torch.cat((b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]))
+            b_hn = b_hh[2 * H :]
+        return GRUWeights(w_ih, w_hh, bias_x, b_hn, w_hh[: 2 * H].T.contiguous(), w_hh[2 * H :].T.contiguous())
 
     @staticmethod
     def forward_buffers(weights: GRUWeights, x: Tensor):
-        GX = _input_projection(weights.w_ih, weights.b_ih, x)
-        return GX, torch.empty_like(GX), x.new_empty(*x.shape[:2], weights.w_hh.shape[1])
+        GX = _input_projection(weights.w_ih, weights.bias_x, x)
+        H = weights.w_hh.shape[1]
+        return GX, x.new_empty(*x.shape[:2], H), x.new_empty(*x.shape[:2], H)
 
     @staticmethod
     def step_workspace(weights: GRUWeights, x: Tensor):
@@ -336,34 +353,33 @@ class GRURule:
 
     @staticmethod
     def step(weights: GRUWeights, views, state: tuple[Tensor], work):
-        gx, gh, h_new = views
+        gx, hn, h_new = views
         (h,) = state
         rz, r, z, n, h_minus_n = work
         H = h.shape[1]
-        if weights.b_hh is None:
-            torch.mm(h, weights.w_hh.T, out=gh)
+        torch.sigmoid(gx[:, : 2 * H].addmm_(h, weights.w_rz_t), out=rz)
+        if weights.b_hn is None:
+            torch.mm(h, weights.w_n_t, out=hn)
         else:
-            torch.addmm(weights.b_hh, h, weights.w_hh.T, out=gh)
-        torch.add(gx[:, : 2 * H], gh[:, : 2 * H], out=rz).sigmoid_()
+            torch.addmm(weights.b_hn, h, weights.w_n_t, out=hn)
         # n = tanh(pre_n) = 2σ(u) − 1 with u = 2 pre_n = gx_n' + r ⊙ hn'
-        torch.addcmul(gx[:, 2 * H :], r, gh[:, 2 * H :], out=n).sigmoid_().sub_(0.5).mul_(2.0)
+        torch.addcmul(gx[:, 2 * H :], r, hn, out=n).sigmoid_().sub_(0.5).mul_(2.0)
         return (torch.addcmul(n, z, torch.sub(h, n, out=h_minus_n), out=h_new),)
 
     @staticmethod
     def coefficients(weights: GRUWeights, buffers, state0, t0: int, t1: int):
         """Returns K_x (τ, N, 3, H), the factors from m_h' to the pre-activations (r, z, u);
         K_h (τ, N, 3, H), the same to the recurrent side (r, z, hn'); mean(z) (τ, N, H)."""
-        GX, GH, OUT = buffers
-        gx, gh = GX[t0:t1], GH[t0:t1]
-        H = gh.shape[-1] // 3
-        pre_rz = gx[..., : 2 * H] + gh[..., : 2 * H]
+        GX, HN, OUT = buffers
+        gx, hn = GX[t0:t1], HN[t0:t1]
+        H = hn.shape[-1]
+        pre_rz = gx[..., : 2 * H]
         sig_rz = torch.sigmoid(pre_rz)
         r, z = sig_rz[..., :H], sig_rz[..., H:]
-        hn = gh[..., 2 * H :]
         u = torch.addcmul(gx[..., 2 * H :], r, hn)
         mean_n = shapley_mean(torch.sigmoid(u)).mul_(2.0).sub_(1.0)
         rescale_r, rescale_z = rescale_sigmoid(*_halves(pre_rz)).split(H, dim=-1)
-        K = pre_rz.new_empty(t1 - t0, pre_rz.shape[1] // 2, 3, H)
+        K = hn.new_empty(t1 - t0, hn.shape[1] // 2, 3, H)
         K_r, K_z, K_n = K.unbind(2)
         # h' = (1−z)⊙n + z⊙h:  m_z = m·(mean(h) − mean(n)),  m_n = m·mean(1 − z),  m_h = m·mean(z).
         # 1 − z is evaluated as σ(−pre_z): where z saturates at 1, 1.0 − z keeps no digits.
