@@ -21,7 +21,6 @@ Writes ``sweep.json`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
