@@ -298,7 +298,7 @@ def run(out="out", modules=("lstm", "gru", "rnn"), batches=None, threads=None, d
                     print(f"  {dev.type} {kind} B={batch} peak memory: native "
                           f"{row['native_mib']:.1f} MiB, rule {row['deeplift_mib']:.1f} MiB", flush=True)
     print()
-    if result["cells"]:
+    if result["cells"] or ("grid" in sections and missing):
         print(markdown(result["cells"], modules, batches, threads, devices, missing))
         print()
     if result["calls"]:
