@@ -38,7 +38,7 @@ from torch import nn  # noqa: E402
 
 MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 FULL = {"T": 100, "F": 32, "H": 128, "layers": 2, "batches": (2, 16, 128, 512, 2048),
-        "threads": (1, 2), "seconds": 3.0, "min_pairs": 3}
+        "threads": (1, 2), "seconds": 2.0, "min_pairs": 3}
 QUICK = {"T": 10, "F": 8, "H": 16, "layers": 2, "batches": (2, 16), "threads": (1,),
          "seconds": 0.2, "min_pairs": 2}
 TARGET = 1.2
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=_ints, help="torch thread counts (default 1,2)")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu",
                         help="'all': CPU, then CUDA when present")
-    parser.add_argument("--seconds", type=float, help="time per cell (default 3)")
+    parser.add_argument("--seconds", type=float, help="time per cell (default 2)")
     parser.add_argument("--min-pairs", type=int, help="at least this many pairs per cell (default 3)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="subset of grid (module x batch x threads), calls (whole shap / "
