@@ -7,15 +7,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from torch_handler.cli import resolve_device  # noqa: F401  (re-exported for the scripts)
-
 REPO = Path(__file__).resolve().parents[1]
+# A script's sys.path starts with benchmarks/: put this checkout first, so that its
+# torch_handler is the one measured (not another installed copy).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from torch_handler.cli import resolve_device  # noqa: E402, F401  (re-exported for the scripts)
 
 
 def base_parser(description: str, samples_help: str, samples_default: int) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@
    just before the measured call; on CUDA ``torch.cuda.max_memory_allocated`` over the
    allocation before it.
 
-Budget from issue 7: forward+backward <= 2x native (aim 1.5x), shap_values <= 2x, peak
+Budget: forward+backward <= 2x native (aim 1.5x), shap_values <= 2x, peak
 memory <= 1.5x. The numbers are reported, not asserted.
 """
 

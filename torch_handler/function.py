@@ -1,18 +1,19 @@
 """The autograd Function that carries the rule through time.
 
-Why a ``torch.autograd.Function`` and not module backward hooks (RULES.md §3): a hook on
+Why a ``torch.autograd.Function`` and not module backward hooks: a hook on
 ``nn.LSTMCell`` cannot return multipliers for the ``hx`` tuple, a cell reused over steps
 overwrites whatever a forward hook saved, and ``nn.LSTM``'s hook never fires when only
 ``h_n`` is read. A Function sits inside the graph: each call gets its own ``ctx`` (so a cell
 reused in a Python loop keeps one saved context per step), its backward sees the multipliers
-of *every* output (sequence, h_n, c_n; zeros for outputs nobody read) and returns the
+of *every* output (sequence, h_n, c_n; None for outputs nobody read) and returns the
 multipliers of *every* input (x, h0, c0).
 
 One Function runs one layer in one direction over a whole sequence: all input projections in
 one matmul before the loop, one matmul per step in each direction, preallocated buffers (no
-per-step lists to stack), and in backward the rule's coefficients computed a chunk of steps
-at a time, with one matmul per chunk for the input multipliers. A single cell step is the
-same Function with ``T = 1``, so cells and sequences share one code path.
+per-step lists to stack, no per-step temporaries for the gates), and in backward the rule's
+coefficients computed a chunk of steps at a time, with one matmul per chunk for the input
+multipliers. A single cell step is the same Function with ``T = 1``, so cells and sequences
+share one code path.
 """
 
 from __future__ import annotations
@@ -26,9 +27,21 @@ def _split_pairs(t: Tensor) -> Tensor:
     return t.reshape(2, t.shape[0] // 2, *t.shape[1:])
 
 
-# Steps whose rule coefficients are computed together in backward: large enough to vectorise,
-# small enough that the coefficient temporaries stay a fraction of the saved buffers.
-CHUNK = 32
+# Elements of the widest coefficient tensor computed at once in backward (steps x pairs x
+# gate width). Small batches take a quarter of the sequence per chunk (few, larger kernels:
+# at 1-64 rows per step the kernel launches, not the arithmetic, cost the time; a quarter
+# keeps the chunk's temporaries below the saved buffers, so peak memory stays below native
+# autograd's); large batches take a step or a few at a time, so that a chunk's temporaries
+# stay in the CPU caches and below the allocator's mmap threshold (fresh pages for every
+# temporary cost more than the arithmetic on them).
+CHUNK_ELEMENTS = 1 << 18
+CHUNKS_AT_LEAST = 4
+
+
+def chunk_steps(steps: int, pairs: int, width: int) -> int:
+    """Steps per backward chunk for ``pairs`` pairs and ``width`` gate pre-activations."""
+    longest = -(-steps // CHUNKS_AT_LEAST)
+    return max(1, min(longest, CHUNK_ELEMENTS // max(1, pairs * width)))
 
 
 class RecurrentRuleFunction(torch.autograd.Function):
@@ -48,17 +61,20 @@ class RecurrentRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, weights, mask, x, *state0):
         buffers = rule.forward_buffers(weights, x)
+        work = rule.step_workspace(weights, x)
         out = buffers[-1]
         state = state0
-        for t in range(x.shape[0]):
-            new_state = rule.step(weights, buffers, t, state)
-            if mask is not None:
-                keep = mask[t].unsqueeze(1)
-                new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state, strict=True))
-                out[t].mul_(keep)
+        keeps = mask.unsqueeze(2).unbind(0) if mask is not None else None
+        for t, views in enumerate(zip(*(b.unbind(0) for b in buffers), strict=True)):
+            new_state = rule.step(weights, views, state, work)
+            if keeps is not None:
+                new_state = tuple(torch.where(keeps[t], new, old) for new, old in zip(new_state, state, strict=True))
+                views[-1].mul_(keeps[t])
             state = new_state
         ctx.rule, ctx.weights, ctx.mask, ctx.num_states = rule, weights, mask, len(state0)
         ctx.save_for_backward(*state0, *buffers)
+        # Outputs nobody reads reach backward as None instead of a tensor of zeros.
+        ctx.set_materialize_grads(False)
         # Final states are views of the buffers backward reads: hand out copies.
         return (out, *(s.clone() for s in state))
 
@@ -67,34 +83,53 @@ class RecurrentRuleFunction(torch.autograd.Function):
         rule, weights, mask = ctx.rule, ctx.weights, ctx.mask
         saved = ctx.saved_tensors
         state0, buffers = saved[: ctx.num_states], saved[ctx.num_states :]
-        T, B = grad_out.shape[:2]
+        T, B = buffers[-1].shape[:2]
+        gates = weights.w_hh.shape[0]  # pre-activation columns: the input multipliers' side
+        width = rule.side_width(weights)  # a step's multiplier row: gates (and more, see rules)
         need_x = ctx.needs_input_grad[3]
-        grad_x = grad_out.new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
-        m_h = _split_pairs(grad_state[0])
-        m_rest = tuple(_split_pairs(g) for g in grad_state[1:])
-        for t1 in range(T, 0, -CHUNK):
-            t0 = max(0, t1 - CHUNK)
-            coeffs = rule.coefficients(weights, buffers, state0, t0, t1)
-            m_x_side = None
+        # Running multipliers of the state, (2, N, ·) each, owned here (updated in place).
+        m_state = [
+            torch.zeros_like(_split_pairs(s)) if g is None else _split_pairs(g).clone()
+            for s, g in zip(state0, grad_state, strict=True)
+        ]
+        m_h, m_rest = m_state[0], tuple(m_state[1:])
+        # Output multipliers per step, (B, P) views; each is added to m_h by the matmul
+        # that produces m_h (addmm), except the last step's, added here.
+        grad_steps = None if grad_out is None else grad_out.unbind(0)
+        if grad_steps is not None:
+            m_h.add_(grad_steps[T - 1].reshape(m_h.shape))
+        keeps = None if mask is None else mask.reshape(T, 2, B // 2, 1).unbind(0)
+        grad_x = buffers[-1].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
+        tau = chunk_steps(T, B // 2, width)
+        m_z_chunk = buffers[-1].new_empty(tau, B, width)
+        for t1 in range(T, 0, -tau):
+            t0 = max(0, t1 - tau)
+            coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
+            coeff_steps = tuple(zip(*(c.unbind(0) for c in coeffs), strict=True))
+            # The state multipliers may be views of the step rows this chunk overwrites.
+            m_rest = tuple(m.clone() for m in m_rest)
+            m_z_steps = m_z_chunk.view(tau, 2, B // 2, width).unbind(0)
             for t in reversed(range(t0, t1)):
-                m_h = m_h + _split_pairs(grad_out[t])
-                m_z, m_h_prev, m_rest_prev = rule.step_backward(weights, tuple(c[t - t0] for c in coeffs), m_h, m_rest)
-                if mask is not None:
-                    # A finished sequence passes its state through: so do its multipliers.
-                    keep = _split_pairs(mask[t]).unsqueeze(-1)
-                    m_z = m_z * keep
-                    m_h_prev = torch.where(keep, m_h_prev, m_h)
-                    m_rest_prev = tuple(
-                        torch.where(keep, new, old) for new, old in zip(m_rest_prev, m_rest, strict=True)
-                    )
-                if need_x:
-                    if m_x_side is None:
-                        m_x_side = m_z.new_empty((t1 - t0, *m_z.shape))
-                    m_x_side[t - t0] = m_z
-                m_h, m_rest = m_h_prev, m_rest_prev
+                grad_prev = grad_steps[t - 1] if grad_steps is not None and t > 0 else None
+                m_z = m_z_steps[t - t0]
+                if keeps is None:
+                    m_h, m_rest = rule.step_backward(weights, coeff_steps[t - t0], m_h, m_rest, m_z, grad_prev)
+                    continue
+                # A finished sequence passes its state through: so do its multipliers.
+                m_rest_in = tuple(m.clone() for m in m_rest)
+                m_h_new, m_rest = rule.step_backward(weights, coeff_steps[t - t0], m_h, m_rest, m_z, None)
+                keep = keeps[t]
+                m_z.mul_(keep)
+                m_h = torch.where(keep, m_h_new, m_h)
+                m_rest = tuple(torch.where(keep, new, old) for new, old in zip(m_rest, m_rest_in, strict=True))
+                if grad_prev is not None:
+                    m_h.add_(grad_prev.reshape(m_h.shape))
             if need_x:
                 # One matmul per chunk for the input multipliers.
-                torch.mm(m_x_side.view((t1 - t0) * B, -1), weights.w_ih, out=grad_x[t0:t1].view((t1 - t0) * B, -1))
-        grads_state = [m_h.reshape(B, -1), *(m.reshape(B, -1) for m in m_rest)]
+                steps = t1 - t0
+                torch.mm(m_z_chunk[:steps].view(steps * B, width)[:, :gates], weights.w_ih,
+                         out=grad_x[t0:t1].view(steps * B, -1))
+        grads_state = [m_h.reshape(B, -1), *(m.reshape(B, -1) for m in m_rest)]  # copies if views
         grads_state = [g if ctx.needs_input_grad[4 + k] else None for k, g in enumerate(grads_state)]
         return (None, None, None, grad_x, *grads_state)
+
