@@ -325,6 +325,19 @@ def test_nothing_is_left_behind():
     assert interception.current() is None
 
 
+def test_an_engine_without_its_seam_is_refused_and_nothing_is_wrapped(monkeypatch):
+    from captum.attr._core import deep_lift
+    from shap.explainers._deep.deep_pytorch import PyTorchDeep
+
+    shap_seam = PyTorchDeep.add_handles
+    monkeypatch.delattr(deep_lift.DeepLift, "_can_register_hook")
+    model = MHAHead(batch_first=True, need_weights=False).double().eval()
+    with pytest.raises(torch_handler.UnsupportedVersionError, match=r"DeepLift\._can_register_hook.*captum"):
+        with torch_handler.deeplift_mode(model):
+            pass
+    assert PyTorchDeep.add_handles is shap_seam  # checked before anything was wrapped
+
+
 # --- ops without rules, and rows that cannot be paired ---------------------------------------
 
 

@@ -181,24 +181,42 @@ _installed: list[tuple[object, str, object, object]] = []  # (owner, name, origi
 
 
 def _seams():
-    """(owner, attribute, guard factory) of each installed engine's seam."""
+    """(owner, attribute, guard factory) of each installed engine's seam.
+
+    An engine that is not installed has nothing to guard. One that is installed but lacks the
+    seam (a reorganised release) raises UnsupportedVersionError naming it: without the guard
+    its module rules would silently override the library's.
+    """
+    from .versions import check_version, require_attributes
+
+    purpose = "torch_handler.deeplift_mode (keeping the engine's module rules off handled modules)"
     try:
         from shap.explainers._deep import deep_pytorch
-    except Exception:  # noqa: BLE001 - shap absent or broken: nothing to guard
+    except ImportError:
         pass
     else:
+        require_attributes(deep_pytorch, ["PyTorchDeep.add_handles"], "shap", purpose)
         yield deep_pytorch.PyTorchDeep, "add_handles", _guard_shap_add_handles
     try:
-        from captum.attr._core.deep_lift import DeepLift
-    except Exception:  # noqa: BLE001
+        import captum
+        from captum.attr._core import deep_lift
+    except ImportError:
         pass
     else:
-        yield DeepLift, "_can_register_hook", _guard_captum_can_register
+        check_version("captum", captum.__version__, purpose)
+        require_attributes(deep_lift, ["DeepLift._can_register_hook"], "captum", purpose)
+        yield deep_lift.DeepLift, "_can_register_hook", _guard_captum_can_register
     try:
+        import tangermeme
         import tangermeme.deep_lift_shap as tdls
-    except Exception:  # noqa: BLE001
+    except ImportError:
         pass
     else:
+        check_version("tangermeme", tangermeme.__version__, purpose)
+        from tangermeme import _deep_lift_utils
+
+        require_attributes(tdls, ["_register_hooks"], "tangermeme", purpose)
+        require_attributes(_deep_lift_utils, ["_build_nonlinear_ops"], "tangermeme", purpose)
         yield tdls, "_register_hooks", _guard_tangermeme_register
 
 
@@ -210,7 +228,8 @@ def install() -> None:
     global _users
     with _lock:
         if _users == 0:
-            for owner, name, guard in _seams():
+            seams = list(_seams())  # every check first: a refused engine leaves nothing wrapped
+            for owner, name, guard in seams:
                 original = getattr(owner, name)
                 if not _guarded(original):
                     wrapper = guard(original)
