@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .additivity import tolerance_for
 from .cli import resolve_device
 
 WINDOW = 8  # quarters of history the model sees
@@ -278,7 +279,7 @@ def additivity_table(e: Explanation) -> str:
         )
     lines.append(
         f"  max abs err {e.abs_error.max():.2e}, max rel err {e.rel_error.max():.2e} "
-        "(float32; the handler's own check tolerates 1e-4)"
+        f"(float32; the handler's own check holds it to {tolerance_for('float32'):g})"
     )
     return "\n".join(lines)
 
