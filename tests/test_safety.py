@@ -149,6 +149,22 @@ def test_non_finite_multipliers_computed_by_the_rule_name_the_module(monkeypatch
         DeepLift(model).attribute(x[:2], x[2:], target=0)
 
 
+@pytest.mark.parametrize(
+    "values, finite",
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([3e38, 3e38], True),  # finite elements whose float32 sum overflows: the exact check decides
+        ([1.0, float("inf")], False),
+        ([float("inf"), float("-inf")], False),
+        ([1.0, float("nan")], False),
+    ],
+)
+def test_all_finite_is_exact(values, finite):
+    from torch_handler.modules import all_finite
+
+    assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
+
+
 @pytest.mark.parametrize("where", ["sums", "deltas"])
 def test_the_additivity_check_fails_on_nan(where):
     sums, deltas = np.ones((2, 1)), np.ones((2, 1))
