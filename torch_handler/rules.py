@@ -164,7 +164,23 @@ def _double_block(tensor: Tensor | None, block: int, blocks: int) -> Tensor | No
     return (tensor.reshape(blocks, size, -1) * scale.unsqueeze(-1)).reshape(tensor.shape)
 
 
-class LSTMRule:
+class _CellRule:
+    """Defaults of the rule protocol that :mod:`torch_handler.function` calls, for cells whose
+    step multiplier row is just the pre-activations (one column per row of ``w_hh``) and whose
+    chunk coefficients a step uses as they are. LSTMRule overrides both."""
+
+    @staticmethod
+    def side_width(weights) -> int:
+        """Columns of a step's multiplier row: the pre-activations, one per row of ``w_hh``."""
+        return weights.w_hh.shape[0]
+
+    @staticmethod
+    def step_factors(weights, coeffs):
+        """The per-step factors backward uses: here the chunk's coefficients unchanged."""
+        return coeffs
+
+
+class LSTMRule(_CellRule):
     """``z = W_ih x + W_hh h + b``; ``i, f, o = σ(z_·)``, ``g = tanh(z_g)``;
     ``c' = f ⊙ c + i ⊙ g``; ``h' = o ⊙ tanh(c')`` (times ``W_hr`` with a projection).
 
@@ -310,7 +326,7 @@ class GRUWeights(NamedTuple):
     w_n_t: Tensor
 
 
-class GRURule:
+class GRURule(_CellRule):
     """PyTorch's GRU equations, every product a two-operand Shapley product:
 
     ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
@@ -394,14 +410,6 @@ class GRURule:
         return K, K_h, shapley_mean(z)
 
     @staticmethod
-    def side_width(weights) -> int:
-        return weights.w_hh.shape[0]
-
-    @staticmethod
-    def step_factors(weights, coeffs):
-        return coeffs
-
-    @staticmethod
     def step_backward(weights: GRUWeights, coeffs_t, m_h: Tensor, m_state, m_z: Tensor, grad_prev):
         """m_z (2, N, 3H) written with the pre-activations' multipliers (r, z, u); returns
         (m_h_prev (2, N, H), ())."""
@@ -421,7 +429,7 @@ class RNNWeights(NamedTuple):
     bias: Tensor | None
 
 
-class RNNRule:
+class RNNRule(_CellRule):
     """``h' = φ(W_ih x + b_ih + W_hh h + b_hh)`` with φ = tanh or relu, by Rescale.
 
     State ``(h,)``. Forward buffers: pre-activations PRE (T, B, H) and OUT (T, B, H).
@@ -459,14 +467,6 @@ class RNNRule:
     def coefficients(self, weights: RNNWeights, buffers, state0, t0: int, t1: int):
         """Returns (R (τ, N, H),)."""
         return (self._rescale(*_halves(buffers[0][t0:t1])),)
-
-    @staticmethod
-    def side_width(weights) -> int:
-        return weights.w_hh.shape[0]
-
-    @staticmethod
-    def step_factors(weights, coeffs):
-        return coeffs
 
     @staticmethod
     def step_backward(weights: RNNWeights, coeffs_t, m_h: Tensor, m_state, m_z: Tensor, grad_prev):
