@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -67,6 +68,29 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
     return times
+
+
+def _proc_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def peak_memory_rise(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Peak memory rise in bytes of one call of ``fn`` (warm it up first), and how it was
+    measured: on CUDA ``max_memory_allocated`` over what was allocated before; on the CPU the
+    rise of the resident-set high-water mark (VmHWM, reset to the current RSS first) over the
+    RSS just before. Run each variant in a fresh process: VmHWM is per process."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _proc_status()["VmRSS"]
+    fn()
+    return _proc_status()["VmHWM"] - before, "VmHWM rise (clear_refs)"
 
 
 def median(values: Sequence[float]) -> float:

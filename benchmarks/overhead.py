@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -133,11 +132,6 @@ def additivity_error(model, X, result) -> float:
 # --------------------------------------------------------------------------- memory
 
 
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
 def memory_probe(variant: str, sizes: dict, samples: int, device: torch.device, seed: int) -> dict:
     """Run one variant once (after a warm-up call) and return its peak memory rise in bytes."""
     if variant in ("native", "deeplift"):
@@ -146,18 +140,8 @@ def memory_probe(variant: str, sizes: dict, samples: int, device: torch.device, 
         fn = shap_fns(sizes, samples, device, seed)[variant]
     fn()
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before,
-                "method": "torch.cuda.max_memory_allocated"}
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status()["VmRSS"]
-    fn()
-    return {"peak_bytes": _status()["VmHWM"] - before, "method": "VmHWM rise (clear_refs)"}
+    peak, method = common.peak_memory_rise(fn, device)
+    return {"peak_bytes": peak, "method": method}
 
 
 def measure_memory(variant: str, sizes: dict, samples: int, device: torch.device,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -203,28 +202,13 @@ def measure_calls(kinds, threads: int, device: torch.device, seconds: float, min
 # ----------------------------------------------------------------------- peak memory
 
 
-def _rss() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
 def memory_probe(kind: str, batch: int, variant: str, device: torch.device, seed: int) -> int:
     """Peak memory rise (bytes) of one forward+backward, after one warm-up call: CUDA
     ``max_memory_allocated``, CPU the rise of VmHWM over the RSS just before."""
     module, x = make_case(kind, FULL, batch, device, seed)
     fn = variants(module, x)[variant]
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _rss()["VmRSS"]
-    fn()
-    return _rss()["VmHWM"] - before
+    return common.peak_memory_rise(fn, device)[0]
 
 
 def measure_memory(kind: str, batch: int, device: torch.device, seed: int) -> dict:
