@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused_loops
+
 
 def _split_pairs(t: Tensor) -> Tensor:
     """View a doubled-batch tensor (B, ...) as (2, N, ...): actual half, reference half."""
@@ -34,14 +36,20 @@ def _split_pairs(t: Tensor) -> Tensor:
 # autograd's); large batches take a step or a few at a time, so that a chunk's temporaries
 # stay in the CPU caches and below the allocator's mmap threshold (fresh pages for every
 # temporary cost more than the arithmetic on them).
+# With the fused loops (a GPU) each chunk costs a few dozen kernel launches whatever its
+# size, and the device's memory bandwidth, not a CPU cache, sets the arithmetic's speed:
+# chunks then hold up to CHUNK_ELEMENTS_FUSED elements (64 MiB of float32 per tensor), the
+# whole sequence when it fits.
 CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS_FUSED = 1 << 24
 CHUNKS_AT_LEAST = 4
 
 
-def chunk_steps(steps: int, pairs: int, width: int) -> int:
+def chunk_steps(steps: int, pairs: int, width: int, fused: bool = False) -> int:
     """Steps per backward chunk for ``pairs`` pairs and ``width`` gate pre-activations."""
-    longest = -(-steps // CHUNKS_AT_LEAST)
-    return max(1, min(longest, CHUNK_ELEMENTS // max(1, pairs * width)))
+    longest = steps if fused else -(-steps // CHUNKS_AT_LEAST)
+    elements = CHUNK_ELEMENTS_FUSED if fused else CHUNK_ELEMENTS
+    return max(1, min(longest, elements // max(1, pairs * width)))
 
 
 class RecurrentRuleFunction(torch.autograd.Function):
@@ -61,17 +69,13 @@ class RecurrentRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, weights, mask, x, *state0):
         buffers = rule.forward_buffers(weights, x)
-        work = rule.step_workspace(weights, x)
         out = buffers[-1]
-        state = state0
-        keeps = mask.unsqueeze(2).unbind(0) if mask is not None else None
-        for t, views in enumerate(zip(*(b.unbind(0) for b in buffers), strict=True)):
-            new_state = rule.step(weights, views, state, work)
-            if keeps is not None:
-                new_state = tuple(torch.where(keeps[t], new, old) for new, old in zip(new_state, state, strict=True))
-                views[-1].mul_(keeps[t])
-            state = new_state
-        ctx.rule, ctx.weights, ctx.mask, ctx.num_states = rule, weights, mask, len(state0)
+        fused = fused_loops.enabled(rule, weights, x, mask)
+        if fused:
+            state = fused_loops.forward(rule, weights, buffers, state0)
+        else:
+            state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
+        ctx.rule, ctx.weights, ctx.mask, ctx.num_states, ctx.fused = rule, weights, mask, len(state0), fused
         ctx.save_for_backward(*state0, *buffers)
         # Outputs nobody reads reach backward as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
@@ -89,7 +93,8 @@ class RecurrentRuleFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[3]
         # Running multipliers of the state, (2, N, ·) each, owned here (updated in place).
         m_state = [
-            torch.zeros_like(_split_pairs(s)) if g is None else _split_pairs(g).clone()
+            torch.zeros_like(_split_pairs(s)) if g is None
+            else _split_pairs(g).clone(memory_format=torch.contiguous_format)
             for s, g in zip(state0, grad_state, strict=True)
         ]
         m_h, m_rest = m_state[0], tuple(m_state[1:])
@@ -100,11 +105,18 @@ class RecurrentRuleFunction(torch.autograd.Function):
             m_h.add_(grad_steps[T - 1].reshape(m_h.shape))
         keeps = None if mask is None else mask.reshape(T, 2, B // 2, 1).unbind(0)
         grad_x = buffers[-1].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
-        tau = chunk_steps(T, B // 2, width)
+        if ctx.fused:  # the kernels update the running multipliers in place, row-major
+            m_h, m_rest = m_h.contiguous(), tuple(m.contiguous() for m in m_rest)
+        tau = chunk_steps(T, B // 2, width, ctx.fused)
         m_z_chunk = buffers[-1].new_empty(tau, B, width)
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
             coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
+            if ctx.fused:
+                fused_loops.backward_chunk(rule, weights, coeffs, m_h, m_rest, m_z_chunk, grad_out, t0, t1)
+                if need_x:
+                    _input_multipliers(m_z_chunk, weights, grad_x, t0, t1, gates)
+                continue
             coeff_steps = tuple(zip(*(c.unbind(0) for c in coeffs), strict=True))
             # The state multipliers may be views of the step rows this chunk overwrites.
             m_rest = tuple(m.clone() for m in m_rest)
@@ -125,11 +137,28 @@ class RecurrentRuleFunction(torch.autograd.Function):
                 if grad_prev is not None:
                     m_h.add_(grad_prev.reshape(m_h.shape))
             if need_x:
-                # One matmul per chunk for the input multipliers.
-                steps = t1 - t0
-                torch.mm(m_z_chunk[:steps].view(steps * B, width)[:, :gates], weights.w_ih,
-                         out=grad_x[t0:t1].view(steps * B, -1))
+                _input_multipliers(m_z_chunk, weights, grad_x, t0, t1, gates)
         grads_state = [m_h.reshape(B, -1), *(m.reshape(B, -1) for m in m_rest)]  # copies if views
         grads_state = [g if ctx.needs_input_grad[4 + k] else None for k, g in enumerate(grads_state)]
         return (None, None, None, grad_x, *grads_state)
 
+
+
+def _forward_loop(rule, weights, buffers, mask, state0, work):
+    """The eager forward: one ``rule.step`` per time step, writing the buffers in place."""
+    state = state0
+    keeps = mask.unsqueeze(2).unbind(0) if mask is not None else None
+    for t, views in enumerate(zip(*(b.unbind(0) for b in buffers), strict=True)):
+        new_state = rule.step(weights, views, state, work)
+        if keeps is not None:
+            new_state = tuple(torch.where(keeps[t], new, old) for new, old in zip(new_state, state, strict=True))
+            views[-1].mul_(keeps[t])
+        state = new_state
+    return state
+
+
+def _input_multipliers(m_z_chunk: Tensor, weights, grad_x: Tensor, t0: int, t1: int, gates: int) -> None:
+    """One matmul per chunk: the input multipliers of steps t0..t1-1 into ``grad_x``."""
+    steps, B, width = t1 - t0, grad_x.shape[1], m_z_chunk.shape[-1]
+    torch.mm(m_z_chunk[:steps].view(steps * B, width)[:, :gates], weights.w_ih,
+             out=grad_x[t0:t1].view(steps * B, -1))
