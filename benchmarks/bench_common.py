@@ -111,6 +111,14 @@ def machine() -> dict:
         pass
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
     return info
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/sweep.py --out out [--modules lstm,gru] [--batches 2,128] [--threads 1]
                                [--device cpu|cuda|all] [--seconds 4] [--quick]
+                               [--sections grid,long,calls,memory,check]
 
 One forward+backward of a 2-layer recurrent module (T = 100, F = 32, H = 128, float32) on a
 doubled batch of ``B`` rows (B / 2 inputs and their references), ``x`` requiring grad:
@@ -13,9 +14,14 @@ milliseconds of each. Every cell gets one warm-up call of each variant (its cost
 first-call time, is reported separately in the JSON) and then as many pairs as fit in
 ``--seconds`` (at least ``--min-pairs``).
 
-On CUDA the native variant is cuDNN (module in train() mode, the same function as eval()
-without dropout); rows for a device that is not present are reported as "not measured".
-Writes ``sweep.json`` into ``--out``.
+Section ``long`` adds the genomics-sized cell, T = 1000 with 1024 rows (largest thread count
+only). On CUDA the native variant is cuDNN (module in train() mode, the same function as eval()
+without dropout) and the rule runs its fused loops (``torch_handler/fused_loops.py``; set
+``LSTM_DEEPSHAP_FUSED=0`` to time the eager loops instead); section ``check`` then compares the
+compiled kernels with the eager loops and with float64, element-wise, and checks additivity.
+The first call of a process includes Triton's compilation of the kernels (cached on disk by
+Triton for later processes): the JSON's ``first_call_ms``. Rows for a device that is not
+present are reported as "not measured". Writes ``sweep.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ FULL = {"T": 100, "F": 32, "H": 128, "layers": 2, "batches": (2, 16, 128, 512, 2
         "threads": (1, 2), "seconds": 2.0, "min_pairs": 3}
 QUICK = {"T": 10, "F": 8, "H": 16, "layers": 2, "batches": (2, 16), "threads": (1,),
          "seconds": 0.2, "min_pairs": 2}
+LONG = {"T": 1000, "batch": 1024}  # genomics-sized: section "long"
 TARGET = 1.2
 
 
@@ -96,6 +103,15 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
     """One first call of each of ``fns`` (native, deeplift), then alternating pairs for
     ``seconds`` (at least ``min_pairs``): per-pair ratios deeplift / native."""
     first = {name: timed_both(fn, device)[0] for name, fn in fns.items()}
+    # The first call starts the fused loops' compilation in the background (and runs the eager
+    # loop meanwhile): wait for it, and call once more, so that the pairs time the steady state.
+    waited = time.perf_counter()
+    if not _kernels_ready():
+        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
+    waited = time.perf_counter() - waited
+    if waited > 1e-3:
+        for fn in fns.values():
+            fn()
     times = {clk: {"native": [], "deeplift": []} for clk in ("wall", "cpu")}
     ratios: list[float] = []
     start = time.perf_counter()
@@ -115,8 +131,14 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
         "ratio_min": min(ratios), "ratio_max": max(ratios),
         "native_ms": med[clock]["native"], "deeplift_ms": med[clock]["deeplift"],
         "median_ms": med, "first_call_ms": {name: 1e3 * v for name, v in first.items()},
-        "ratios": ratios, "seconds": times,
+        "ratios": ratios, "seconds": times, "compile_wait_ms": 1e3 * waited,
     }
+
+
+def _kernels_ready() -> bool:
+    from torch_handler import fused_loops
+
+    return fused_loops.wait(timeout=120)
 
 
 # ----------------------------------------------------------------------- whole calls
@@ -208,6 +230,9 @@ def memory_probe(kind: str, batch: int, variant: str, device: torch.device, seed
     module, x = make_case(kind, FULL, batch, device, seed)
     fn = variants(module, x)[variant]
     fn()
+    if not _kernels_ready():  # the steady state: with the fused loops where they serve
+        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
+    fn()
     return common.peak_memory_rise(fn, device)[0]
 
 
@@ -228,11 +253,82 @@ def measure_memory(kind: str, batch: int, device: torch.device, seed: int) -> di
             "ratio": peak["deeplift"] / peak["native"] if peak["native"] > 0 else None}
 
 
+def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bool) -> list[dict]:
+    """The rule's input multipliers with the fused loops against the eager loops (float32) and
+    against float64 (eager), relative to the largest; and additivity per pair,
+    ``sum(m * (x - x_ref)) = sum(out) - sum(out_ref)``, relative to the largest output total.
+    Sizes: the grid's T with 128 rows, and the long cell."""
+    from torch_handler import fused_loops
+
+    rows = []
+    shapes = [(sizes["T"], 128), (LONG["T"], LONG["batch"])] if not quick else [(sizes["T"], 4)]
+    for kind in modules:
+        for T, batch in shapes:
+            module, x = make_case(kind, dict(sizes, T=T), batch, device, seed)
+            x = x.detach()
+
+            def grads(model, inputs, fused):
+                previous = os.environ.get(fused_loops.ENV)
+                os.environ[fused_loops.ENV] = "1" if fused else "0"
+                try:
+                    inputs = inputs.clone().requires_grad_(True)
+                    with torch_handler_mode(model):
+                        out, _ = model(inputs)
+                        (grad,) = torch.autograd.grad(out.sum(), inputs)
+                    return grad, out.detach().sum((0, 2))
+                finally:
+                    if previous is None:
+                        os.environ.pop(fused_loops.ENV)
+                    else:
+                        os.environ[fused_loops.ENV] = previous
+
+            grads(module, x, True)  # starts the fused loops' compilation
+            fused_loops.wait(timeout=120)
+            calls = []
+            original = fused_loops.forward
+
+            def counted(*args, _calls=calls, _original=original, **kwargs):
+                _calls.append(1)
+                return _original(*args, **kwargs)
+
+            fused_loops.forward = counted
+            try:
+                g_fused, totals = grads(module, x, True)
+            finally:
+                fused_loops.forward = original
+            g_eager, _ = grads(module, x, False)
+            g_64, _ = grads(_float64_copy(module), x.double(), False)
+            n = batch // 2
+            contrib = (g_fused[:, :n] * (x[:, :n] - x[:, n:])).sum((0, 2))
+            scale = g_64.abs().max()
+            row = {"module": kind, "T": T, "batch": batch, "device": str(device), "fused": bool(calls),
+                   "vs_eager": float((g_fused - g_eager).abs().max() / scale),
+                   "vs_float64": float((g_fused.double() - g_64).abs().max() / scale),
+                   "additivity": float((contrib - (totals[:n] - totals[n:])).abs().max() / totals.abs().max())}
+            rows.append(row)
+            print(f"  check {device.type} {kind} T={T} B={batch}: fused={row['fused']} vs eager "
+                  f"{row['vs_eager']:.1e}, vs float64 {row['vs_float64']:.1e}, additivity "
+                  f"{row['additivity']:.1e}", flush=True)
+    return rows
+
+
+def torch_handler_mode(model):
+    import torch_handler
+
+    return torch_handler.deeplift_mode(model)
+
+
+def _float64_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).double()
+
+
 def _devices(choice: str) -> list[str]:
     return ["cpu", "cuda"] if choice == "all" else [choice]
 
 
-SECTIONS = ("grid", "calls", "memory")
+SECTIONS = ("grid", "long", "calls", "memory", "check")
 
 
 def run(out="out", modules=("lstm", "gru", "rnn"), batches=None, threads=None, device="cpu",
@@ -253,7 +349,8 @@ def run(out="out", modules=("lstm", "gru", "rnn"), batches=None, threads=None, d
     result = {"benchmark": "sweep", "sizes": sizes, "batches": list(batches),
               "threads": list(threads), "modules": list(modules), "target_ratio": TARGET,
               "clock": clock, "machine": common.machine(), "not_measured": missing,
-              "cells": [], "calls": [], "memory": []}
+              "fused_loops": os.environ.get("LSTM_DEEPSHAP_FUSED", "1") != "0",
+              "cells": [], "long": [], "calls": [], "memory": [], "check": []}
     if "grid" in sections:
         for dev in present:
             for n_threads in threads:
@@ -266,6 +363,23 @@ def run(out="out", modules=("lstm", "gru", "rnn"), batches=None, threads=None, d
                               f"{cell['ratio_median']:.2f}x [{cell['ratio_min']:.2f}-"
                               f"{cell['ratio_max']:.2f}] native {cell['native_ms']:.1f} ms, rule "
                               f"{cell['deeplift_ms']:.1f} ms ({cell['pairs']} pairs)", flush=True)
+    if "long" in sections:
+        long_sizes = dict(sizes, T=LONG["T"] if not quick else 2 * sizes["T"])
+        long_batch = LONG["batch"] if not quick else 4
+        for dev in present:
+            for kind in modules:
+                cell = measure_cell(kind, long_sizes, long_batch, max(threads), dev, seconds, min_pairs,
+                                    seed, clock)
+                cell["T"] = long_sizes["T"]
+                result["long"].append(cell)
+                print(f"  {dev.type} threads={max(threads)} {kind} T={long_sizes['T']} B={long_batch}: "
+                      f"{cell['ratio_median']:.2f}x [{cell['ratio_min']:.2f}-{cell['ratio_max']:.2f}] native "
+                      f"{cell['native_ms']:.1f} ms, rule {cell['deeplift_ms']:.1f} ms, first calls "
+                      f"{cell['first_call_ms']['native']:.0f} / {cell['first_call_ms']['deeplift']:.0f} ms",
+                      flush=True)
+    if "check" in sections:
+        for dev in present:
+            result["check"] += check_fused(modules, sizes, dev, seed, quick)
     if "calls" in sections and not quick:
         print(f"whole calls: {CALL_SIZES}, threads {max(threads)}", flush=True)
         for dev in present:
@@ -284,6 +398,22 @@ def run(out="out", modules=("lstm", "gru", "rnn"), batches=None, threads=None, d
     print()
     if result["cells"] or ("grid" in sections and missing):
         print(markdown(result["cells"], modules, batches, threads, devices, missing))
+        print()
+    if result["long"]:
+        print(common.table(
+            ["device", "module", "T", "batch", "native (ms)", "rule (ms)", "ratio [min-max]",
+             "first call native / rule (ms)"],
+            [[c["device"], f"nn.{MODULES[c['module']].__name__}", c["T"], c["batch"], c["native_ms"],
+              c["deeplift_ms"], f"{c['ratio_median']:.2f}x [{c['ratio_min']:.2f}-{c['ratio_max']:.2f}]",
+              f"{c['first_call_ms']['native']:.0f} / {c['first_call_ms']['deeplift']:.0f}"]
+             for c in result["long"]]))
+        print()
+    if result["check"]:
+        print(common.table(
+            ["device", "module", "T", "batch", "fused loops", "vs eager", "vs float64", "additivity"],
+            [[c["device"], f"nn.{MODULES[c['module']].__name__}", c["T"], c["batch"], c["fused"],
+              f"{c['vs_eager']:.1e}", f"{c['vs_float64']:.1e}", f"{c['additivity']:.1e}"]
+             for c in result["check"]]))
         print()
     if result["calls"]:
         print(common.table(
@@ -342,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="time per cell (default 2)")
     parser.add_argument("--min-pairs", type=int, help="at least this many pairs per cell (default 3)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help="subset of grid (module x batch x threads), calls (whole shap / "
-                        "Captum calls), memory (peak memory per module at --memory-batches)")
+                        help="subset of grid (module x batch x threads), long (T 1000 x 1024 rows), "
+                        "calls (whole shap / Captum calls), memory (peak memory per module at "
+                        "--memory-batches), check (fused loops vs eager and float64)")
     parser.add_argument("--memory-batches", type=_ints, default=(128, 2048))
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="ratios of wall-clock time (default) or of this process's CPU time")
