@@ -76,7 +76,9 @@ class RecurrentRuleFunction(torch.autograd.Function):
         else:
             state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
         ctx.rule, ctx.weights, ctx.mask, ctx.num_states, ctx.fused = rule, weights, mask, len(state0), fused
-        ctx.save_for_backward(*state0, *buffers)
+        # The output buffer is saved only for rules whose backward reads it (GRU): otherwise a
+        # layer's output, once the next layer has read it, is freed like native autograd's.
+        ctx.save_for_backward(*state0, *(buffers if rule.reads_output else buffers[:-1]))
         # Outputs nobody reads reach backward as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
         # Final states are views of the buffers backward reads: hand out copies.
@@ -87,7 +89,9 @@ class RecurrentRuleFunction(torch.autograd.Function):
         rule, weights, mask = ctx.rule, ctx.weights, ctx.mask
         saved = ctx.saved_tensors
         state0, buffers = saved[: ctx.num_states], saved[ctx.num_states :]
-        T, B = buffers[-1].shape[:2]
+        if not rule.reads_output:
+            buffers = (*buffers, None)
+        T, B = buffers[0].shape[:2]
         gates = weights.w_hh.shape[0]  # pre-activation columns: the input multipliers' side
         width = rule.side_width(weights)  # a step's multiplier row: gates (and more, see rules)
         need_x = ctx.needs_input_grad[3]
@@ -104,11 +108,11 @@ class RecurrentRuleFunction(torch.autograd.Function):
         if grad_steps is not None:
             m_h.add_(grad_steps[T - 1].reshape(m_h.shape))
         keeps = None if mask is None else mask.reshape(T, 2, B // 2, 1).unbind(0)
-        grad_x = buffers[-1].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
+        grad_x = buffers[0].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
         if ctx.fused:  # the kernels update the running multipliers in place, row-major
             m_h, m_rest = m_h.contiguous(), tuple(m.contiguous() for m in m_rest)
         tau = chunk_steps(T, B // 2, width, ctx.fused)
-        m_z_chunk = buffers[-1].new_empty(tau, B, width)
+        m_z_chunk = buffers[0].new_empty(tau, B, width)
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
             coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))

@@ -34,6 +34,7 @@ environment variable ``LSTM_DEEPSHAP_FUSED`` is not ``0``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -162,10 +163,20 @@ def _warps(hp: int) -> int:
     return _WARPS if hp >= 128 else 4
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
     """The whole forward loop of one layer: writes ``buffers`` as the rule's ``step`` would
     (see each rule's ``forward_buffers``) and returns the final state, views of the buffers'
     last step. state0: the rule's state tensors, each (B, ·)."""
+    with _on(buffers[-1].device):
+        return _forward(rule, weights, buffers, state0)
+
+
+def _forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
     out = buffers[-1]
     T, B, H = out.shape
     hp = _hp(H)
@@ -202,6 +213,11 @@ def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ..
     rows 0..τ-1 written with the pre-activations' multipliers (the columns the input
     multipliers' matmul reads); grad_out: None or the output multipliers (T, B, H).
     """
+    with _on(m_h.device):
+        _backward_chunk(rule, weights, factors, m_h, m_rest, m_z_chunk, grad_out, t0, t1)
+
+
+def _backward_chunk(rule, weights, factors, m_h, m_rest, m_z_chunk, grad_out, t0: int, t1: int) -> None:
     two, N, H = m_h.shape
     tau = t1 - t0
     hp = _hp(H)

@@ -169,6 +169,10 @@ class _CellRule:
     step multiplier row is just the pre-activations (one column per row of ``w_hh``) and whose
     chunk coefficients a step uses as they are. LSTMRule overrides both."""
 
+    reads_output = False
+    """Whether ``coefficients`` reads the output buffer (the last of ``forward_buffers``); when
+    not, backward is handed None in its place and the output is not kept for it."""
+
     @staticmethod
     def side_width(weights) -> int:
         """Columns of a step's multiplier row: the pre-activations, one per row of ``w_hh``."""
@@ -342,6 +346,7 @@ class GRURule(_CellRule):
     """
 
     name = "GRU"
+    reads_output = True  # h_prev: the Shapley mean of h in h' = (1 − z) n + z h
 
     @staticmethod
     def weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> GRUWeights:
