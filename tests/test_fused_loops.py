@@ -33,6 +33,7 @@ CASES = [
     ("GRU", {"bias": False}, 17, 40, 5, 128, 1),
     ("RNN", {}, 40, 6, 7, 20, 2),
     ("RNN", {"nonlinearity": "relu"}, 33, 40, 5, 128, 1),
+    ("GRU", {}, 16, 2, 3, 8, 2),  # below one tile column block, the shortest fused sequence, one pair
 ]
 READS = ("sequence", "final_state", "both")
 
