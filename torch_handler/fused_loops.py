@@ -12,8 +12,8 @@ float32 (never TF32: the rule needs the forward values it differentiates to floa
 rounding). A row's recurrence never reads another row, so programs never wait for each other.
 
 Compilation never blocks an explanation: the first call that could use the kernels for a cell
-type and hidden size on a device starts their compilation in a background thread (about 3 s
-on a machine's first use, a fraction of a second once Triton's on-disk cache holds them) and
+type and hidden size on a device starts their compilation in a background thread (1-3 s on
+an H200 with an empty Triton cache, a fraction of a second once its on-disk cache holds them) and
 runs the eager loop; calls after it has finished get the fused loops. :func:`wait` blocks until
 pending compilations are done (benchmarks use it to time the steady state).
 
@@ -54,7 +54,8 @@ MIN_STEPS = 16
 """Shortest sequence that gets the fused loops (shorter ones: the eager loop)."""
 
 MAX_HIDDEN = 128
-"""Largest hidden size the kernels take (one gate block's weights in one tile)."""
+"""Largest hidden size the kernels take: each gate's block of a program's rows is one register
+tile of the padded hidden size (larger ones would spill)."""
 
 ENV = "LSTM_DEEPSHAP_FUSED"
 """Set to ``0`` to run the eager step loop everywhere (to compare, or to rule the kernels out)."""
