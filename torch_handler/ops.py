@@ -743,19 +743,32 @@ def layer_norm(
     actual = (x_a,): (N, *s); weight, bias: normalized_shape or None; m (2, N, *s) -> (m_x,).
     """
     (x_a,), (x_r,) = actual, reference
-    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    dims = tuple(range(-len(normalized_shape), 0))
-    n = math.prod(normalized_shape)
-    x_a64, x_r64, m64 = _f64(x_a), _f64(x_r), _f64(m)
+    dims = _normalized_dims(normalized_shape)
+    x_a64, x_r64 = _f64(x_a), _f64(x_r)
     xc_a = x_a64 - x_a64.mean(dims, keepdim=True)
     xc_r = x_r64 - x_r64.mean(dims, keepdim=True)
-    v_a = (xc_a * xc_a).mean(dims, keepdim=True) + eps
-    v_r = (xc_r * xc_r).mean(dims, keepdim=True) + eps
-    m_y0 = m64 if weight is None else m64 * _f64(weight)
-    m_s = (m_y0 * ((xc_a + xc_r) * 0.5)).sum(dims, keepdim=True)
-    m_v = m_s * _rescale_rsqrt(v_a, v_r)
-    m_xc = m_y0 * ((torch.rsqrt(v_a) + torch.rsqrt(v_r)) * 0.5) + (m_v / n) * (xc_a + xc_r)
+    m_xc = _rms_scaling(_f64(m), xc_a, xc_r, weight, eps, dims)
     return ((m_xc - m_xc.mean(dims, keepdim=True)).to(x_a.dtype),)
+
+
+def _normalized_dims(normalized_shape) -> tuple[int, ...]:
+    """The trailing dims a norm's ``normalized_shape`` (an int or a sequence) covers."""
+    count = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
+    return tuple(range(-count, 0))
+
+
+def _rms_scaling(m64: Tensor, u_a: Tensor, u_r: Tensor, weight, eps: float, dims: tuple[int, ...]) -> Tensor:
+    """Multiplier of u in y = u · rsqrt(mean(u²) + eps) · weight over ``dims`` (float64): the
+    part layer_norm (u the centred x) and rms_norm (u = x) share.
+    m_y0 = m · weight; m_s = Σ m_y0 · mean(u); m_v = m_s · R_rsqrt(v_a, v_r) with v = mean(u²) + eps;
+    m_u = m_y0 · mean(s) + (m_v / n) · (u_a + u_r) (square Rescale), n the elements over dims."""
+    n = math.prod(u_a.shape[d] for d in dims)
+    v_a = (u_a * u_a).mean(dims, keepdim=True) + eps
+    v_r = (u_r * u_r).mean(dims, keepdim=True) + eps
+    m_y0 = m64 if weight is None else m64 * _f64(weight)
+    m_s = (m_y0 * ((u_a + u_r) * 0.5)).sum(dims, keepdim=True)
+    m_v = m_s * _rescale_rsqrt(v_a, v_r)
+    return m_y0 * ((torch.rsqrt(v_a) + torch.rsqrt(v_r)) * 0.5) + (m_v / n) * (u_a + u_r)
 
 
 def rms_norm(m: Tensor, actual, reference, *, normalized_shape, weight=None, eps=None) -> Multipliers:
@@ -770,17 +783,8 @@ def rms_norm(m: Tensor, actual, reference, *, normalized_shape, weight=None, eps
     (x_a,), (x_r,) = actual, reference
     if eps is None:
         eps = torch.finfo(x_a.dtype).eps
-    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    dims = tuple(range(-len(normalized_shape), 0))
-    n = math.prod(normalized_shape)
-    x_a64, x_r64, m64 = _f64(x_a), _f64(x_r), _f64(m)
-    v_a = (x_a64 * x_a64).mean(dims, keepdim=True) + eps
-    v_r = (x_r64 * x_r64).mean(dims, keepdim=True) + eps
-    m_y0 = m64 if weight is None else m64 * _f64(weight)
-    m_s = (m_y0 * ((x_a64 + x_r64) * 0.5)).sum(dims, keepdim=True)
-    m_v = m_s * _rescale_rsqrt(v_a, v_r)
-    m_x = m_y0 * ((torch.rsqrt(v_a) + torch.rsqrt(v_r)) * 0.5) + (m_v / n) * (x_a64 + x_r64)
-    return (m_x.to(x_a.dtype),)
+    dims = _normalized_dims(normalized_shape)
+    return (_rms_scaling(_f64(m), _f64(x_a), _f64(x_r), weight, eps, dims).to(x_a.dtype),)
 
 
 def vector_norm(m: Tensor, actual, reference, *, dim=None, keepdim: bool = False, ord=2) -> Multipliers:
