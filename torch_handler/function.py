@@ -95,9 +95,10 @@ class RecurrentRuleFunction(torch.autograd.Function):
         gates = weights.w_hh.shape[0]  # pre-activation columns: the input multipliers' side
         width = rule.side_width(weights)  # a step's multiplier row: gates (and more, see rules)
         need_x = ctx.needs_input_grad[3]
-        # Running multipliers of the state, (2, N, ·) each, owned here (updated in place).
+        # Running multipliers of the state, (2, N, ·) each, owned here (updated in place;
+        # row-major, as the fused loops' kernels read and write them).
         m_state = [
-            torch.zeros_like(_split_pairs(s)) if g is None
+            torch.zeros_like(_split_pairs(s), memory_format=torch.contiguous_format) if g is None
             else _split_pairs(g).clone(memory_format=torch.contiguous_format)
             for s, g in zip(state0, grad_state, strict=True)
         ]
@@ -109,8 +110,6 @@ class RecurrentRuleFunction(torch.autograd.Function):
             m_h.add_(grad_steps[T - 1].reshape(m_h.shape))
         keeps = None if mask is None else mask.reshape(T, 2, B // 2, 1).unbind(0)
         grad_x = buffers[0].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
-        if ctx.fused:  # the kernels update the running multipliers in place, row-major
-            m_h, m_rest = m_h.contiguous(), tuple(m.contiguous() for m in m_rest)
         tau = chunk_steps(T, B // 2, width, ctx.fused)
         m_z_chunk = buffers[0].new_empty(tau, B, width)
         for t1 in range(T, 0, -tau):
@@ -145,7 +144,6 @@ class RecurrentRuleFunction(torch.autograd.Function):
         grads_state = [m_h.reshape(B, -1), *(m.reshape(B, -1) for m in m_rest)]  # copies if views
         grads_state = [g if ctx.needs_input_grad[4 + k] else None for k, g in enumerate(grads_state)]
         return (None, None, None, grad_x, *grads_state)
-
 
 
 def _forward_loop(rule, weights, buffers, mask, state0, work):

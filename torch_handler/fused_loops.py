@@ -183,24 +183,20 @@ def _forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
     hp = _hp(H)
     grid = (triton.cdiv(B, _ROWS),)
     state0 = tuple(s.contiguous() for s in state0)
+    common = dict(BM=_ROWS, HP=hp, BK=_SLICE, DOT=_DOT, num_warps=_warps(hp), num_stages=_STAGES)
     kind = _kernels_for(rule)
     if kind == "LSTM":
         Z, C, OUT = buffers
-        _lstm_forward[grid](Z, C, OUT, weights.w_hh_t, state0[0], state0[1], T, B, H,
-                            BM=_ROWS, HP=hp, BK=_SLICE, DOT=_DOT, num_warps=_warps(hp),
-                            num_stages=_STAGES)
+        _lstm_forward[grid](Z, C, OUT, weights.w_hh_t, state0[0], state0[1], T, B, H, **common)
         return OUT[-1], C[-1]
     if kind == "GRU":
         GX, HN, OUT = buffers
         b_hn = weights.b_hn
         _gru_forward[grid](GX, HN, OUT, weights.w_rz_t, weights.w_n_t, b_hn if b_hn is not None else OUT,
-                           state0[0], T, B, H, HAS_BHN=b_hn is not None, BM=_ROWS, HP=hp, BK=_SLICE,
-                           DOT=_DOT, num_warps=_warps(hp), num_stages=_STAGES)
+                           state0[0], T, B, H, HAS_BHN=b_hn is not None, **common)
         return (OUT[-1],)
     PRE, OUT = buffers
-    _rnn_forward[grid](PRE, OUT, weights.w_hh.contiguous(), state0[0], T, B, H, RELU=kind == "relu",
-                       BM=_ROWS, HP=hp, BK=_SLICE, DOT=_DOT, num_warps=_warps(hp),
-                            num_stages=_STAGES)
+    _rnn_forward[grid](PRE, OUT, weights.w_hh.contiguous(), state0[0], T, B, H, RELU=kind == "relu", **common)
     return (OUT[-1],)
 
 
@@ -209,7 +205,7 @@ def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ..
     """Steps t1-1 down to t0 of backward, as the rule's ``step_backward`` would run them.
 
     factors: the chunk's ``step_factors`` (each (τ, N, ...)); m_h (2, N, H) and m_rest (the
-    other state multipliers, (2, N, H) each): contiguous, updated in place to the multipliers
+    other state multipliers, (2, N, H) each): row-major, updated in place to the multipliers
     of the state before step t0 (m_h including ``grad_out[t0 - 1]``); m_z_chunk (τ', B, width):
     rows 0..τ-1 written with the pre-activations' multipliers (the columns the input
     multipliers' matmul reads); grad_out: None or the output multipliers (T, B, H).
