@@ -19,14 +19,16 @@ only). On CUDA the native variant is cuDNN (module in train() mode, the same fun
 without dropout) and the rule runs its fused loops (``torch_handler/fused_loops.py``; set
 ``LSTM_DEEPSHAP_FUSED=0`` to time the eager loops instead); section ``check`` then compares the
 compiled kernels with the eager loops and with float64, element-wise, and checks additivity.
-The first call of a process includes Triton's compilation of the kernels (cached on disk by
-Triton for later processes): the JSON's ``first_call_ms``. Rows for a device that is not
-present are reported as "not measured". Writes ``sweep.json`` into ``--out``.
+A cell's first call starts the kernels' compilation in the background and runs the eager
+loop: the JSON's ``first_call_ms``, and ``compile_wait_ms``, how long the cell then waited for
+the kernels before timing its pairs. Rows for a device that is not present are reported as
+"not measured". Writes ``sweep.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import subprocess
@@ -106,8 +108,7 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
     # The first call starts the fused loops' compilation in the background (and runs the eager
     # loop meanwhile): wait for it, and call once more, so that the pairs time the steady state.
     waited = time.perf_counter()
-    if not _kernels_ready():
-        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
+    _wait_for_kernels()
     waited = time.perf_counter() - waited
     if waited > 1e-3:
         for fn in fns.values():
@@ -135,10 +136,12 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
     }
 
 
-def _kernels_ready() -> bool:
+def _wait_for_kernels() -> None:
+    """Block until the fused loops' background compilations have finished (2 minutes at most)."""
     from torch_handler import fused_loops
 
-    return fused_loops.wait(timeout=120)
+    if not fused_loops.wait(timeout=120):
+        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
 
 
 # ----------------------------------------------------------------------- whole calls
@@ -230,8 +233,7 @@ def memory_probe(kind: str, batch: int, variant: str, device: torch.device, seed
     module, x = make_case(kind, FULL, batch, device, seed)
     fn = variants(module, x)[variant]
     fn()
-    if not _kernels_ready():  # the steady state: with the fused loops where they serve
-        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
+    _wait_for_kernels()  # the steady state: with the fused loops where they serve
     fn()
     return common.peak_memory_rise(fn, device)[0]
 
@@ -258,6 +260,7 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
     against float64 (eager), relative to the largest; and additivity per pair,
     ``sum(m * (x - x_ref)) = sum(out) - sum(out_ref)``, relative to the largest output total.
     Sizes: the grid's T with 128 rows, and the long cell."""
+    import torch_handler
     from torch_handler import fused_loops
 
     rows = []
@@ -272,7 +275,7 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
                 os.environ[fused_loops.ENV] = "1" if fused else "0"
                 try:
                     inputs = inputs.clone().requires_grad_(True)
-                    with torch_handler_mode(model):
+                    with torch_handler.deeplift_mode(model):
                         out, _ = model(inputs)
                         (grad,) = torch.autograd.grad(out.sum(), inputs)
                     return grad, out.detach().sum((0, 2))
@@ -283,7 +286,7 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
                         os.environ[fused_loops.ENV] = previous
 
             grads(module, x, True)  # starts the fused loops' compilation
-            fused_loops.wait(timeout=120)
+            _wait_for_kernels()
             calls = []
             original = fused_loops.forward
 
@@ -297,7 +300,7 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
             finally:
                 fused_loops.forward = original
             g_eager, _ = grads(module, x, False)
-            g_64, _ = grads(_float64_copy(module), x.double(), False)
+            g_64, _ = grads(copy.deepcopy(module).double(), x.double(), False)
             n = batch // 2
             contrib = (g_fused[:, :n] * (x[:, :n] - x[:, n:])).sum((0, 2))
             scale = g_64.abs().max()
@@ -310,18 +313,6 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
                   f"{row['vs_eager']:.1e}, vs float64 {row['vs_float64']:.1e}, additivity "
                   f"{row['additivity']:.1e}", flush=True)
     return rows
-
-
-def torch_handler_mode(model):
-    import torch_handler
-
-    return torch_handler.deeplift_mode(model)
-
-
-def _float64_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module).double()
 
 
 def _devices(choice: str) -> list[str]:
