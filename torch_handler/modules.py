@@ -181,14 +181,16 @@ def _check_doubled(module: nn.Module, batch: int) -> None:
         )
 
 
-def _detached(weights):
-    return type(weights)(*(None if w is None else w.detach() for w in weights))
+def _detached(*params):
+    """Parameters as the rules take them: detached (under DeepLIFT, parameter "gradients"
+    would be meaningless, so none are produced)."""
+    return tuple(None if p is None else p.detach() for p in params)
 
 
 def _layer_weights(module: nn.Module, layer: int, direction: int):
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
     get = lambda name: getattr(module, name + suffix, None)  # noqa: E731
-    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+    return _detached(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
 
 
 def _reversal(lengths: Tensor, steps: int) -> Tensor:
@@ -221,7 +223,7 @@ def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], lengths: Ten
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(num_directions):
-            weights = _detached(rule.weights(*_layer_weights(module, layer, direction)))
+            weights = rule.weights(*_layer_weights(module, layer, direction))
             index = layer * num_directions + direction
             # The reverse direction runs forward in time over the reversed sequence.
             seq = _reverse(layer_input, reversal) if direction else layer_input
@@ -347,7 +349,7 @@ def cell_forward(module: nn.Module, input: Tensor, hx=None):
             _check_input(module, s, name)
     input, *state0 = _guard_inputs(module, (input, *state0))
     rule = entry.rule(module)
-    weights = _detached(rule.weights(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh))
+    weights = rule.weights(*_detached(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh))
     _, *final = RecurrentRuleFunction.apply(rule, weights, None, input.unsqueeze(0), *state0)
     return _as_hx(entry, _guard_outputs(module, tuple(final)))
 
