@@ -137,11 +137,13 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
 
 
 def _wait_for_kernels() -> None:
-    """Block until the fused loops' background compilations have finished (2 minutes at most)."""
-    from torch_handler import fused_loops
+    """Block until the compiled loops' background compilations (GPU: fused_loops, CPU:
+    cpu_loops) have finished (2 minutes at most each)."""
+    from torch_handler import cpu_loops, fused_loops
 
-    if not fused_loops.wait(timeout=120):
-        raise RuntimeError("the fused loops' compilation did not finish within 120 s")
+    for loops in (fused_loops, cpu_loops):
+        if not loops.wait(timeout=120):
+            raise RuntimeError(f"{loops.__name__}'s compilation did not finish within 120 s")
 
 
 # ----------------------------------------------------------------------- whole calls

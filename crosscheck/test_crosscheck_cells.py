@@ -220,8 +220,12 @@ def _joined(parts) -> np.ndarray:
 
 def test_a_changed_rule_is_caught(monkeypatch):
     """Replace the Shapley mean of c in the forget-gate product f ⊙ c by c's actual value:
-    the same comparison as above must then fail."""
-    from torch_handler import rules
+    the same comparison as above must then fail. (The patch is to the rule's torch code, so the
+    compiled CPU loops, which would run their C twin of it, are switched off here; the C twin
+    is held to the torch rule element-wise by tests/test_cpu_loops.py.)"""
+    from torch_handler import cpu_loops, rules
+
+    monkeypatch.setenv(cpu_loops.ENV, "0")
 
     original = rules.LSTMRule.coefficients
 

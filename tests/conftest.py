@@ -16,3 +16,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cpu_loops():
+    """Every test sees the compiled CPU loops from its first explanation on (otherwise their
+    background compilation would finish during the first tests, which would run the eager
+    loops instead: the same rule, but not the same code from one run to the next).
+    tests/test_cpu_loops.py compares the two element-wise."""
+    from torch_handler import cpu_loops
+
+    cpu_loops.load(timeout=300)

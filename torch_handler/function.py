@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fused_loops
+from . import cpu_loops, fused_loops
 
 
 def _split_pairs(t: Tensor) -> Tensor:
@@ -46,9 +46,10 @@ CHUNKS_AT_LEAST = 4
 
 
 def chunk_steps(steps: int, pairs: int, width: int, fused: bool = False) -> int:
-    """Steps per backward chunk for ``pairs`` pairs and ``width`` gate pre-activations."""
-    longest = steps if fused else -(-steps // CHUNKS_AT_LEAST)
+    """Steps per backward chunk for ``pairs`` pairs and ``width`` gate pre-activations (a
+    sequence that fits one CPU chunk is one chunk: at a few rows, fewer and larger kernels)."""
     elements = CHUNK_ELEMENTS_FUSED if fused else CHUNK_ELEMENTS
+    longest = steps if fused or steps * pairs * width <= elements else -(-steps // CHUNKS_AT_LEAST)
     return max(1, min(longest, elements // max(1, pairs * width)))
 
 
@@ -73,6 +74,8 @@ class RecurrentRuleFunction(torch.autograd.Function):
         fused = fused_loops.enabled(rule, weights, x, mask)
         if fused:
             state = fused_loops.forward(rule, weights, buffers, state0)
+        elif cpu_loops.runs(rule, "forward") and cpu_loops.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
+            state = cpu_loops.forward(rule, weights, buffers, state0)
         else:
             state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
         ctx.rule, ctx.weights, ctx.mask, ctx.num_states, ctx.fused = rule, weights, mask, len(state0), fused
@@ -112,11 +115,18 @@ class RecurrentRuleFunction(torch.autograd.Function):
         grad_x = buffers[0].new_empty(T, B, weights.w_ih.shape[1]) if need_x else None
         tau = chunk_steps(T, B // 2, width, ctx.fused)
         m_z_chunk = buffers[0].new_empty(tau, B, width)
+        # A chunk's step loop: one fused GPU kernel, one compiled CPU call, or eager torch ops.
+        compiled = fused_loops if ctx.fused else None
+        if compiled is None and cpu_loops.enabled(rule, weights, B, m_h.device, m_h.dtype, mask):
+            compiled = cpu_loops
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
-            coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
-            if ctx.fused:
-                fused_loops.backward_chunk(rule, weights, coeffs, m_h, m_rest, m_z_chunk, grad_out, t0, t1)
+            if compiled is cpu_loops and cpu_loops.runs(rule, "factors"):
+                coeffs = cpu_loops.step_factors(rule, weights, buffers, state0, t0, t1)
+            else:
+                coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
+            if compiled is not None:
+                compiled.backward_chunk(rule, weights, coeffs, m_h, m_rest, m_z_chunk, grad_out, t0, t1)
                 if need_x:
                     _input_multipliers(m_z_chunk, weights, grad_x, t0, t1, gates)
                 continue

@@ -1,0 +1,273 @@
+"""The compiled CPU loops (torch_handler/cpu_loops.py, cpu_kernels.c) against the eager rule.
+
+The C functions are twins of the rules' ``step`` (LSTM), ``coefficients`` + ``step_factors``
+(LSTM) and ``step_backward`` (every cell type): the same numbers up to rounding, checked
+element-wise here for every cell type, both dtypes, one pair and several (one thread and a
+team of threads), hidden sizes that fill the vectors and sizes that leave tails, backward
+chunks that start mid-sequence, output multipliers dense, expanded (stride 0) and absent, and
+inputs that saturate the gates or make a pair's halves equal. Whole explanations then match
+``LSTM_DEEPSHAP_FUSED=0`` (the eager loops) and keep additivity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torch_handler
+from torch_handler import cpu_loops
+from torch_handler.additivity import tolerance_for
+from torch_handler.function import _forward_loop
+from torch_handler.rules import GRURule, LSTMRule, RNNRule
+
+RULES = {"LSTM": LSTMRule, "GRU": GRURule, "RNN": lambda: RNNRule("tanh"), "RNN-relu": lambda: RNNRule("relu")}
+SHAPES = [(1, 128), (3, 37), (5, 20), (32, 64)]  # (pairs, hidden): one pair, tails, a full team
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded():
+    assert cpu_loops.load(timeout=300), (
+        "the CPU loops did not compile: these tests need a C compiler (cc, gcc or clang; $CC)")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the scale of b."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def bar(dtype: torch.dtype) -> float:
+    return tolerance_for(dtype)
+
+
+def layer(kind: str, pairs: int, hidden: int, dtype: torch.dtype, steps: int = 9, features: int = 3, scale=1.0):
+    """A rule, its weights, an input and initial states for a doubled batch of ``pairs``."""
+    torch.manual_seed(pairs * 100 + hidden)
+    rule = RULES[kind]()
+    gates = {"LSTM": 4, "GRU": 3}.get(kind, 1) * hidden
+    w = lambda *shape: (torch.randn(*shape, dtype=dtype) / shape[-1] ** 0.5)  # noqa: E731
+    weights = rule.weights(w(gates, features), w(gates, hidden), w(gates), w(gates))
+    x = torch.randn(steps, 2 * pairs, features, dtype=dtype) * scale
+    state0 = tuple(torch.randn(2 * pairs, hidden, dtype=dtype) for _ in range(2 if kind == "LSTM" else 1))
+    return rule, weights, x, state0
+
+
+def eager_forward(rule, weights, x, state0):
+    buffers = rule.forward_buffers(weights, x)
+    _forward_loop(rule, weights, buffers, None, state0, rule.step_workspace(weights, x))
+    return buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pairs,hidden", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=["moderate", "saturating"])
+def test_lstm_forward_matches_the_step_loop(threads, dtype, pairs, hidden, scale):
+    rule, weights, x, state0 = layer("LSTM", pairs, hidden, dtype, scale=scale)
+    expected = eager_forward(rule, weights, x, state0)
+    buffers = rule.forward_buffers(weights, x)
+    final = cpu_loops.forward(rule, weights, buffers, state0)
+    for got, want in zip(buffers, expected, strict=True):
+        assert relative(got, want) <= bar(dtype)
+    assert torch.equal(final[0], buffers[2][-1]) and torch.equal(final[1], buffers[1][-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pairs,hidden", SHAPES)
+@pytest.mark.parametrize("t0", [0, 4])
+def test_lstm_factors_match_the_rule(threads, dtype, pairs, hidden, t0):
+    rule, weights, x, state0 = layer("LSTM", pairs, hidden, dtype, scale=4.0)
+    buffers = eager_forward(rule, weights, x, state0)
+    Z = buffers[0]
+    n = pairs
+    # Halves equal (Δ = 0: the derivative limit) and nearly equal (the series branch), and
+    # saturated gates (σ = 0 or 1 in float32).
+    Z[:, n:, : hidden // 2] = Z[:, :n, : hidden // 2]
+    Z[:, n:, hidden // 2 : hidden] = Z[:, :n, hidden // 2 : hidden] * (1 + 1e-6)
+    Z[:, :, 2 * hidden : 2 * hidden + 3] = 60.0
+    Z[:, :, 3 * hidden : 3 * hidden + 3] = -60.0
+    want = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, x.shape[0]))
+    got = cpu_loops.step_factors(rule, weights, buffers, state0, t0, x.shape[0])
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert relative(g, w) <= bar(dtype)
+
+
+def eager_backward(rule, weights, factors, m_state, m_z, grad_out, t0, t1):
+    """The eager loop of function.py for one chunk, on copies."""
+    m_h, m_rest = m_state[0].clone(), tuple(m.clone() for m in m_state[1:])
+    steps = tuple(zip(*(f.unbind(0) for f in factors), strict=True))
+    two, N = m_h.shape[:2]
+    m_z_steps = m_z.view(m_z.shape[0], two, N, -1).unbind(0)
+    for t in reversed(range(t0, t1)):
+        grad_prev = grad_out[t - 1] if grad_out is not None and t > 0 else None
+        m_h, m_rest = rule.step_backward(weights, steps[t - t0], m_h, m_rest, m_z_steps[t - t0], grad_prev)
+        m_rest = tuple(m.clone() for m in m_rest)
+    return m_h, m_rest
+
+
+@pytest.mark.parametrize("grads", ["dense", "expanded", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pairs,hidden", SHAPES)
+@pytest.mark.parametrize("kind", list(RULES))
+def test_backward_chunks_match_the_step_loop(threads, kind, dtype, pairs, hidden, grads):
+    rule, weights, x, state0 = layer(kind, pairs, hidden, dtype)
+    buffers = eager_forward(rule, weights, x, state0)
+    T, B = x.shape[:2]
+    grad_out = {"dense": torch.randn(T, B, hidden, dtype=dtype),
+                "expanded": torch.ones((), dtype=dtype).expand(T, B, hidden), "none": None}[grads]
+    width = rule.side_width(weights)
+    m_state = [torch.randn(2, pairs, hidden, dtype=dtype) for _ in state0]
+    for t0, t1 in ((4, T), (0, 4)):  # the last chunk, then the first: as backward runs them
+        factors = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
+        m_z_want = torch.zeros(t1 - t0, B, width, dtype=dtype)
+        m_h_want, m_rest_want = eager_backward(rule, weights, factors, m_state, m_z_want, grad_out, t0, t1)
+        m_z = torch.zeros(t1 - t0 + 2, B, width, dtype=dtype)  # larger than the chunk, as in function.py
+        m_h, m_rest = m_state[0].clone(), tuple(m.clone() for m in m_state[1:])
+        cpu_loops.backward_chunk(rule, weights, factors, m_h, m_rest, m_z, grad_out, t0, t1)
+        assert relative(m_z[: t1 - t0], m_z_want) <= bar(dtype)
+        assert relative(m_h, m_h_want) <= bar(dtype)
+        for got, want in zip(m_rest, m_rest_want, strict=True):
+            assert relative(got, want) <= bar(dtype)
+        m_state = [m_h, *m_rest]
+
+
+MODELS = [
+    ("LSTM", {}, 2), ("LSTM", {"bidirectional": True}, 6), ("LSTM", {"bias": False}, 64),
+    ("GRU", {}, 2), ("GRU", {}, 16), ("RNN", {}, 6), ("RNN", {"nonlinearity": "relu"}, 16),
+]
+
+
+def explain(module, x, compiled: bool):
+    previous = os.environ.get(cpu_loops.ENV)
+    os.environ[cpu_loops.ENV] = "1" if compiled else "0"
+    try:
+        x = x.clone().requires_grad_(True)
+        with torch_handler.deeplift_mode(module):
+            out, _ = module(x)
+            weights = torch.linspace(-1, 1, out.shape[-1], dtype=x.dtype)
+            (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        return grad, (out * weights).sum((0, 2)).detach()
+    finally:
+        if previous is None:
+            os.environ.pop(cpu_loops.ENV)
+        else:
+            os.environ[cpu_loops.ENV] = previous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell,kwargs,rows", MODELS, ids=lambda v: str(v))
+def test_explanations_match_the_eager_loops(threads, cell, kwargs, rows, dtype):
+    torch.manual_seed(rows)
+    module = getattr(nn, cell)(5, 24, num_layers=2, **kwargs).to(dtype)
+    x = torch.randn(30, rows, 5, dtype=dtype)
+    calls = {"forward": 0, "backward_chunk": 0}
+    originals = {name: getattr(cpu_loops, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in calls:
+            setattr(cpu_loops, name, counting(name))
+        grad, per_row = explain(module, x, compiled=True)
+    finally:
+        for name, original in originals.items():
+            setattr(cpu_loops, name, original)
+    grad_eager, per_row_eager = explain(module, x, compiled=False)
+    layers = 2 * (2 if kwargs.get("bidirectional") else 1)
+    assert calls["backward_chunk"] >= layers  # every layer's backward ran compiled
+    assert calls["forward"] == (layers if cell == "LSTM" else 0)
+    assert relative(grad, grad_eager) <= bar(dtype)
+    n = rows // 2
+    contributions = (grad[:, :n] * (x[:, :n] - x[:, n:])).sum((0, 2))
+    assert relative(contributions, per_row[:n] - per_row[n:]) <= bar(dtype)
+
+
+def test_the_loops_serve_only_what_they_compile():
+    """Everything else takes the eager loop: a GPU tensor, half precision, a packed-sequence
+    mask, an LSTM projection, more rows than MAX_ROWS with weights above MAX_WEIGHT_BYTES, the
+    opt-out."""
+    rule, weights, x, _ = layer("LSTM", 1, 8, torch.float32)
+    cpu = torch.device("cpu")
+    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is True
+    assert cpu_loops.enabled(rule, weights, 2, torch.device("cuda"), torch.float32, None) is False
+    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float16, None) is False
+    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, torch.ones(9, 2, dtype=torch.bool)) is False
+    assert cpu_loops.enabled(rule, weights, 4096, cpu, torch.float32, None) is True  # small weights: any batch
+    big = layer("LSTM", 1, 512, torch.float32)[1]  # 4 MiB of recurrent weights
+    assert big.w_hh.numel() * 4 > cpu_loops.MAX_WEIGHT_BYTES
+    assert cpu_loops.enabled(rule, big, cpu_loops.MAX_ROWS, cpu, torch.float32, None) is True
+    assert cpu_loops.enabled(rule, big, cpu_loops.MAX_ROWS + 2, cpu, torch.float32, None) is False
+    projected = rule.weights(torch.randn(32, 3), torch.randn(32, 4), None, None, torch.randn(4, 8))
+    assert cpu_loops.enabled(rule, projected, 2, cpu, torch.float32, None) is False
+    os.environ[cpu_loops.ENV] = "0"
+    try:
+        assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is False
+    finally:
+        os.environ.pop(cpu_loops.ENV)
+    assert cpu_loops.runs(rule, "forward") and cpu_loops.runs(GRURule(), "backward")
+    assert not cpu_loops.runs(GRURule(), "forward") and not cpu_loops.runs(RNNRule(), "factors")
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, warnings
+    import torch
+    from torch import nn
+    import torch_handler
+    from torch_handler import cpu_loops
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = cpu_loops.load(timeout=300)
+    module = nn.LSTM(3, 8)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with torch_handler.deeplift_mode(module):
+        out, _ = module(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    print(json.dumps([loaded, bool(torch.isfinite(grad).all()), len(caught), [str(w.message) for w in caught]]))
+    """
+)
+
+
+def run_child(tmp_path, **env):
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=False,
+                          env={**os.environ, "LSTM_DEEPSHAP_CACHE": str(tmp_path), **env}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded, finite, warned, messages = json.loads(done.stdout.strip().splitlines()[-1])
+    return loaded, finite, warned, " ".join(messages)
+
+
+def test_the_library_is_compiled_once_then_loaded_from_the_cache(tmp_path):
+    assert run_child(tmp_path)[:3] == (True, True, 0)
+    built = sorted(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert run_child(tmp_path)[:3] == (True, True, 0)  # a second process: loaded, not rebuilt
+    assert sorted(tmp_path.glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_failed_compilation_warns_once_and_leaves_the_eager_loop(tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    loaded, finite, warned, messages = run_child(tmp_path, CC=str(failing))
+    assert (loaded, finite, warned) == (False, True, 1)
+    assert "eager loop" in messages and "no compiler here" in messages

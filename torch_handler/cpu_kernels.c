@@ -1,0 +1,521 @@
+/* The rule's step loops on CPUs: compiled twins of code in torch_handler/rules.py, in float
+ * and double: step_backward of every cell type, and the LSTM's step (forward) and its chunk
+ * coefficients (coefficients + step_factors).
+ *
+ * Why C: at small batches a step is a (rows x K) by (K x M) product and a few elementwise
+ * operations over a few hundred numbers. Issued from Python as torch ops, each costs
+ * microseconds of dispatch, more than its arithmetic; BLAS's path for two-row products is slow
+ * too. Here one call runs a whole layer's forward loop, a chunk's coefficients or a whole
+ * backward chunk: torch_handler/cpu_loops.py compiles this file once per machine (in the
+ * background, cached) and calls it through ctypes; OpenMP threads take blocks of pairs.
+ *
+ * Layout, shared by every function:
+ *   rows      the doubled batch, B = 2N: actual rows 0..N-1, reference rows N..2N-1; a
+ *             thread serves the pairs p0..p1-1, i.e. rows p and N + p (rows never read one
+ *             another, so threads on disjoint pairs never wait for each other);
+ *   buffers   row-major (steps, B, columns), as the rules' forward_buffers;
+ *   factors   the chunk's step_factors, row-major and pair-major: (tau, N, blocks, H); row b
+ *             of either half reads pair b mod N's;
+ *   mh, mc    (B, H) running multipliers of the state, updated in place (backward runs a chunk
+ *             last step first and leaves the multipliers of the state before its first step);
+ *   mz        (tau, B, width) written with each step's pre-activation multipliers;
+ *   w         w_hh (gates, H) for backward; w_hh transposed, (H, gates), for forward; each
+ *             with its packed copy (see add_product; cpu_loops.py packs it once per call);
+ *   grad      the output multipliers of the chunk's last step minus one: step s (counting from
+ *             the last) reads grad - s*g_st when s < with_grad, element (b, j) at
+ *             b*g_sb + j*g_sh (autograd may hand expanded tensors: strides may be 0).
+ *
+ * Plain C99 with GCC/Clang vector extensions (so that products and exponentials vectorise on
+ * any target); IEEE arithmetic (no -ffast-math). Sums run in another order than BLAS's, and
+ * exp is evaluated by the polynomial below (within 2 ulp; sigmoid and tanh within 4): values
+ * differ from torch's by rounding, as between two BLAS or libm builds, and the rule's
+ * closed forms (no cancellation, no threshold on a pair's difference) are kept as they are.
+ */
+#ifndef REAL
+
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define REAL float
+#define NAME(name) name##_f32
+#define INT int32_t
+#define MANTISSA 23
+#define EXP_BIAS 127
+#include __FILE__
+#undef REAL
+#undef NAME
+#undef INT
+#undef MANTISSA
+#undef EXP_BIAS
+
+#define REAL double
+#define NAME(name) name##_f64
+#define INT int64_t
+#define MANTISSA 52
+#define EXP_BIAS 1023
+#include __FILE__
+
+#else /* the kernels, once per REAL */
+
+typedef REAL NAME(vec) __attribute__((vector_size(64)));
+typedef INT NAME(ivec) __attribute__((vector_size(64 * sizeof(INT) / sizeof(REAL))));
+#define VL ((int64_t)(sizeof(NAME(vec)) / sizeof(REAL)))
+#define SPLAT(v) ((NAME(vec)){0} + (REAL)(v))
+/* Lanewise mask ? a : b, the mask from a vector comparison (all bits set where true). */
+#define SELECT(mask, a, b) \
+    ((NAME(vec))(((NAME(ivec))(a) & (NAME(ivec))(mask)) | ((NAME(ivec))(b) & ~(NAME(ivec))(mask))))
+
+/* Row r (0 <= r < 2n) of the pairs p0..p0+n-1: those rows of the actual half, then of the
+ * reference half. */
+static inline int64_t NAME(row)(int64_t r, int64_t p0, int64_t n, int64_t N)
+{
+    return r < n ? p0 + r : N + p0 + r - n;
+}
+
+/* out[r][0:2VL] += a[r][:K] @ w for R rows, w a packed (K, 2VL) block: one function per R, so
+ * that the loops over rows have constant trip counts and the 2R accumulators stay in registers
+ * while the k loop streams w. */
+#define DEFINE_BLOCK(R)                                                                         \
+    static void NAME(block##R)(int64_t K, const REAL *const *a, const REAL *w,                 \
+                               REAL *const *out)                                               \
+    {                                                                                          \
+        NAME(vec) acc0[R], acc1[R];                                                            \
+        for (int r = 0; r < R; ++r) {                                                          \
+            memcpy(&acc0[r], out[r], sizeof(NAME(vec)));                                       \
+            memcpy(&acc1[r], out[r] + VL, sizeof(NAME(vec)));                                  \
+        }                                                                                      \
+        for (int64_t k = 0; k < K; ++k) {                                                      \
+            NAME(vec) w0, w1;                                                                  \
+            memcpy(&w0, w + k * 2 * VL, sizeof(NAME(vec)));                                    \
+            memcpy(&w1, w + k * 2 * VL + VL, sizeof(NAME(vec)));                               \
+            for (int r = 0; r < R; ++r) {                                                      \
+                const REAL s = a[r][k];                                                        \
+                acc0[r] += s * w0;                                                             \
+                acc1[r] += s * w1;                                                             \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                          \
+            memcpy(out[r], &acc0[r], sizeof(NAME(vec)));                                       \
+            memcpy(out[r] + VL, &acc1[r], sizeof(NAME(vec)));                                  \
+        }                                                                                      \
+    }
+DEFINE_BLOCK(1)
+DEFINE_BLOCK(2)
+DEFINE_BLOCK(3)
+DEFINE_BLOCK(4)
+#undef DEFINE_BLOCK
+
+/* out[row] += a[row, :K] @ w for the rows of pairs p0..p0+n-1; a rows lda apart, out rows ldo
+ * apart; w (K, M) row-major, and packed: its first M - M mod 2VL columns as (M / 2VL, K, 2VL),
+ * every block contiguous (so that the k loop reads memory in order). */
+static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64_t M, const REAL *a,
+                              int64_t lda, const REAL *w, const REAL *packed, REAL *out, int64_t ldo)
+{
+    const int64_t mv = M / (2 * VL) * (2 * VL);
+    for (int64_t r0 = 0; r0 < 2 * n; r0 += 4) {
+        const int64_t rows = 2 * n - r0 < 4 ? 2 * n - r0 : 4;
+        const REAL *ar[4];
+        REAL *outr[4], *outj[4];
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = NAME(row)(r0 + r, p0, n, N);
+            ar[r] = a + b * lda;
+            outr[r] = out + b * ldo;
+        }
+        for (int64_t j = 0; j < mv; j += 2 * VL) {
+            for (int64_t r = 0; r < rows; ++r)
+                outj[r] = outr[r] + j;
+            switch (rows) {
+            case 4: NAME(block4)(K, ar, packed + j * K, outj); break;
+            case 3: NAME(block3)(K, ar, packed + j * K, outj); break;
+            case 2: NAME(block2)(K, ar, packed + j * K, outj); break;
+            default: NAME(block1)(K, ar, packed + j * K, outj); break;
+            }
+        }
+        for (int64_t r = 0; r < rows; ++r)  /* columns past the last full pair of vectors */
+            for (int64_t j = mv; j < M; ++j) {
+                REAL acc = outr[r][j];
+                for (int64_t k = 0; k < K; ++k)
+                    acc += ar[r][k] * w[k * M + j];
+                outr[r][j] = acc;
+            }
+    }
+}
+
+/* --------------------------------------------------------------------------- exponentials */
+
+/* e^x, within 2 ulp, for x clamped to the range where e^x and e^-x are normal numbers (so
+ * 1/(1 + e^-x) is exact to rounding at both ends): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+ * then Cephes' polynomial (float) or Pade form (double) for e^r, scaled by 2^n through the exponent bits. */
+static inline NAME(vec) NAME(exp)(NAME(vec) x)
+{
+#if MANTISSA == 23
+    const REAL lo = -87.0f, hi = 87.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const REAL round = 12582912.0f; /* 1.5 * 2^23: adding and subtracting rounds to an integer */
+#else
+    const REAL lo = -708.0, hi = 708.0, ln2_hi = 6.93145751953125e-1, ln2_lo = 1.42860682030941723212e-6;
+    const REAL round = 6755399441055744.0; /* 1.5 * 2^52 */
+#endif
+    const REAL log2e = (REAL)1.4426950408889634073599;
+    x = SELECT(x < lo, SPLAT(lo), x);
+    x = SELECT(x > hi, SPLAT(hi), x);
+    NAME(vec) n = (x * log2e + round) - round;
+    NAME(vec) r = (x - n * ln2_hi) - n * ln2_lo;
+#if MANTISSA == 23
+    NAME(vec) p = SPLAT(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    NAME(vec) e = p * (r * r) + r + 1.0f;
+#else
+    const NAME(vec) rr = r * r;
+    const NAME(vec) px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr
+                              + 9.99999999999999999910e-1);
+    const NAME(vec) qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr
+                          + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+    NAME(vec) e = 1.0 + 2.0 * (px / (qx - px));
+#endif
+    NAME(ivec) bits = (__builtin_convertvector(n, NAME(ivec)) + EXP_BIAS) << MANTISSA;
+    return e * (NAME(vec))bits;
+}
+
+static inline NAME(vec) NAME(sigmoid)(NAME(vec) x)
+{
+    return 1 / (1 + NAME(exp)(-x));
+}
+
+/* tanh(x) = sign(x) (1 - e^-2|x|) / (1 + e^-2|x|) (within 8 ulp), and its Taylor series where
+ * that quotient cancels (|x| < 1/16, terms through x^11: the first omitted one is below 2^-56 |x|). */
+static inline NAME(vec) NAME(tanh)(NAME(vec) x)
+{
+    const NAME(vec) ax = SELECT(x < 0, -x, x);
+    const NAME(vec) t = NAME(exp)(-2 * ax);
+    const NAME(vec) q = (1 - t) / (1 + t);
+    const NAME(vec) x2 = x * x;
+    NAME(vec) p = SPLAT(-(REAL)1382 / 155925);
+    p = p * x2 + (REAL)62 / 2835;
+    p = p * x2 - (REAL)17 / 315;
+    p = p * x2 + (REAL)2 / 15;
+    p = p * x2 - (REAL)1 / 3;
+    const NAME(vec) series = x + x * x2 * p;
+    return SELECT(ax < (REAL)0.0625, series, SELECT(x < 0, -q, q));
+}
+
+/* (1 - e^-d) / d for d >= 0 (1 at d = 0), without cancellation: its Taylor series
+ * sum_k (-d)^k / (k+1)! below d = 1/4 (terms through d^12: the first omitted one is below
+ * 2^-60), the quotient above (where e^-d < 0.78: within 4 ulp). */
+static inline NAME(vec) NAME(one_minus_exp_neg_over)(NAME(vec) d)
+{
+    NAME(vec) p = SPLAT((REAL)1 / 6227020800);  /* 1/13! */
+    static const REAL inverse_factorials[12] = {  /* 1/12!, ..., 1/2!, 1/1! with alternating signs */
+        -(REAL)1 / 479001600, (REAL)1 / 39916800, -(REAL)1 / 3628800, (REAL)1 / 362880,
+        -(REAL)1 / 40320, (REAL)1 / 5040, -(REAL)1 / 720, (REAL)1 / 120, -(REAL)1 / 24, (REAL)1 / 6,
+        -(REAL)1 / 2, (REAL)1};
+    for (int k = 0; k < 12; ++k)
+        p = p * d + inverse_factorials[k];
+    const NAME(ivec) small = (NAME(ivec))(d < (REAL)0.25);
+    const NAME(vec) safe = SELECT(small, SPLAT(1), d);
+    return SELECT(small, p, (1 - NAME(exp)(-safe)) / safe);
+}
+
+/* An operand x of a sigmoid with what the factors need of it, from one exponential E = e^-x:
+ * σ(x) = 1 / (1 + E) and σ(-x) = E σ(x) (no 1 - σ(x): that would cancel where σ(x) -> 1). */
+typedef struct {
+    NAME(vec) x, e, pos, neg;
+} NAME(operand);
+
+static inline NAME(operand) NAME(operand_of)(NAME(vec) x)
+{
+    NAME(operand) o;
+    o.x = x;
+    o.e = NAME(exp)(-x);
+    o.pos = 1 / (1 + o.e);
+    o.neg = o.e * o.pos;
+    return o;
+}
+
+/* rescale_sigmoid(a, r) = (σ(a) - σ(r)) / (a - r) = σ(hi) σ(-lo) (1 - e^-(hi-lo)) / (hi - lo),
+ * the closed form of rules.rescale_sigmoid (no cancellation, no threshold on a - r). */
+static inline NAME(vec) NAME(rescale_sigmoid)(NAME(operand) a, NAME(operand) r)
+{
+    const NAME(ivec) a_hi = (NAME(ivec))(a.x > r.x);
+    const NAME(vec) d = SELECT(a_hi, a.x - r.x, r.x - a.x);
+    return SELECT(a_hi, a.pos, r.pos) * SELECT(a_hi, r.neg, a.neg) * NAME(one_minus_exp_neg_over)(d);
+}
+
+/* tanh(x) from the operand 2x (its e = e^-2x): (1 - e) / (1 + e), or the Taylor series where that
+ * cancels (see NAME(tanh)). */
+static inline NAME(vec) NAME(tanh_of_double)(NAME(operand) twice)
+{
+    const NAME(vec) x = twice.x * (REAL)0.5, x2 = x * x;
+    NAME(vec) p = SPLAT(-(REAL)1382 / 155925);
+    p = p * x2 + (REAL)62 / 2835;
+    p = p * x2 - (REAL)17 / 315;
+    p = p * x2 + (REAL)2 / 15;
+    p = p * x2 - (REAL)1 / 3;
+    const NAME(vec) ax = SELECT(x < 0, -x, x);
+    return SELECT(ax < (REAL)0.0625, x + x * x2 * p, (1 - twice.e) / (1 + twice.e));
+}
+
+/* f(v[0..m)) in place, vector by vector (the tail padded in a vector). */
+#define APPLY(f, v, m)                                                            \
+    for (int64_t j_ = 0; j_ < (m); j_ += VL) {                                    \
+        NAME(vec) x_ = {0};                                                       \
+        const int64_t k_ = (m) - j_ < VL ? (m) - j_ : VL;                         \
+        memcpy(&x_, (v) + j_, (size_t)k_ * sizeof(REAL));                         \
+        x_ = f(x_);                                                               \
+        memcpy((v) + j_, &x_, (size_t)k_ * sizeof(REAL));                         \
+    }
+
+/* LSTMRule.step over T steps: z (T, B, 4H) holds the input projections (g's block doubled,
+ * u_g = 2 z_g) and gets the recurrent part added; c (T, B, H) and out (T, B, H) written;
+ * w_t = w_hh transposed (H, 4H); h0, c0 (B, H); gates (B, 4H) scratch. */
+static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N, int64_t H, REAL *z, REAL *c,
+                        REAL *out, const REAL *w_t, const REAL *w_t_packed, const REAL *h0, const REAL *c0,
+                        REAL *gates)
+{
+    const int64_t B = 2 * N, G = 4 * H, n = p1 - p0;
+    for (int64_t t = 0; t < T; ++t) {
+        REAL *zt = z + t * B * G, *ct = c + t * B * H, *ht = out + t * B * H;
+        const REAL *h_prev = t ? out + (t - 1) * B * H : h0, *c_prev = t ? c + (t - 1) * B * H : c0;
+        NAME(add_product)(p0, n, N, H, G, h_prev, H, w_t, w_t_packed, zt, G);
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N);
+            REAL *s = gates + b * G;
+            memcpy(s, zt + b * G, (size_t)G * sizeof(REAL));
+            APPLY(NAME(sigmoid), s, G);  /* i, f, σ(u_g), o */
+            const REAL *cp = c_prev + b * H;
+            REAL *cb = ct + b * H, *hb = ht + b * H;
+            for (int64_t j = 0; j < H; ++j)  /* c' = f c + i g, g = 2σ(u_g) - 1 */
+                cb[j] = s[H + j] * cp[j] + s[j] * (2 * s[2 * H + j] - 1);
+            memcpy(hb, cb, (size_t)H * sizeof(REAL));
+            APPLY(NAME(tanh), hb, H);
+            for (int64_t j = 0; j < H; ++j)  /* h' = o tanh(c') */
+                hb[j] *= s[3 * H + j];
+        }
+    }
+}
+
+/* LSTMRule.coefficients and step_factors for a chunk of tau steps (this function: its pair-steps
+ * i0..i1-1, i = t N + p; they are independent): z (tau, B, 4H) its
+ * pre-activations (g's doubled), c (tau, B, H) its cell states, c_first (B, H) the state
+ * before its first step; writes fc, fp (tau, N, 5, H):
+ *   F_c = [K_i, K_f, K_g, 0, mean f],  F_p = [A K_i, A K_f, A K_g, K_o, A mean f],
+ *   K_i = R(u_i) mean(g), K_f = R(u_f) mean(c), K_g = 2 R(u_g) mean(i), K_o = R(u_o) mean(tanh c'),
+ *   A = mean(o) R_tanh(c'), R the sigmoid's Rescale factor, g = 2σ(u_g) - 1. */
+static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *z, const REAL *c,
+                                    const REAL *c_first, REAL *fc, REAL *fp)
+{
+    const int64_t B = 2 * N, G = 4 * H;
+    for (int64_t i = i0; i < i1; ++i) {  /* i = t N + p: step t of pair p */
+        const int64_t t = i / N, p = i % N;
+        const REAL *za = z + (t * B + p) * G, *zr = z + (t * B + N + p) * G;
+        const REAL *state[4] = {  /* c'_a, c'_r, c_a, c_r (c: the state before the step) */
+            c + (t * B + p) * H, c + (t * B + N + p) * H,
+            t ? c + ((t - 1) * B + p) * H : c_first + p * H,
+            t ? c + ((t - 1) * B + N + p) * H : c_first + (N + p) * H};
+        REAL *Fc = fc + i * 5 * H, *Fp = fp + i * 5 * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            NAME(vec) R[4], mean[4], v[4];
+            for (int k = 0; k < 4; ++k) {  /* the gates i, f, g (u_g), o */
+                v[0] = v[1] = SPLAT(0);
+                memcpy(&v[0], za + k * H + j, (size_t)m * sizeof(REAL));
+                memcpy(&v[1], zr + k * H + j, (size_t)m * sizeof(REAL));
+                const NAME(operand) a = NAME(operand_of)(v[0]), r = NAME(operand_of)(v[1]);
+                R[k] = NAME(rescale_sigmoid)(a, r);
+                mean[k] = (a.pos + r.pos) * (REAL)0.5;
+            }
+            for (int k = 0; k < 4; ++k) {
+                v[k] = SPLAT(0);
+                memcpy(&v[k], state[k] + j, (size_t)m * sizeof(REAL));
+            }
+            const NAME(operand) c2_a = NAME(operand_of)(2 * v[0]), c2_r = NAME(operand_of)(2 * v[1]);
+            const NAME(vec) mean_g = mean[2] * 2 - 1;
+            NAME(vec) out_c[5], out_p[5];
+            out_c[0] = R[0] * mean_g;
+            out_c[1] = R[1] * ((v[2] + v[3]) * (REAL)0.5);
+            out_c[2] = R[2] * mean[0] * 2;
+            out_c[3] = SPLAT(0);
+            out_c[4] = mean[1];
+            const NAME(vec) A = NAME(rescale_sigmoid)(c2_a, c2_r) * 4 * mean[3];
+            for (int k = 0; k < 5; ++k)
+                out_p[k] = out_c[k] * A;
+            out_p[3] = R[3] * ((NAME(tanh_of_double)(c2_a) + NAME(tanh_of_double)(c2_r)) * (REAL)0.5);
+            for (int k = 0; k < 5; ++k) {
+                memcpy(Fc + k * H + j, &out_c[k], (size_t)m * sizeof(REAL));
+                memcpy(Fp + k * H + j, &out_p[k], (size_t)m * sizeof(REAL));
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------ backward */
+
+/* mh[row] = grad row of step s (0 once s >= with_grad), for the rows of pairs p0..p0+n-1. */
+static void NAME(load_grad)(int64_t p0, int64_t n, int64_t N, int64_t H, REAL *mh, const REAL *grad,
+                            int64_t s, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+{
+    for (int64_t r = 0; r < 2 * n; ++r) {
+        const int64_t b = NAME(row)(r, p0, n, N);
+        if (s >= with_grad) {
+            memset(mh + b * H, 0, (size_t)H * sizeof(REAL));
+            continue;
+        }
+        const REAL *g = grad - s * g_st + b * g_sb;
+        for (int64_t j = 0; j < H; ++j)
+            mh[b * H + j] = g[j * g_sh];
+    }
+}
+
+/* LSTMRule.step_backward: [m_i, m_f, m_g, m_o, m_c] = m_c' F_c + m_h' F_p (the first 5H columns
+ * of mz; m_c the fifth block); m_h = grad + [m_i m_f m_g m_o] @ w_hh, w (4H, H). */
+static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *fc,
+                         const REAL *fp, REAL *mh, REAL *mc, REAL *mz, int64_t width, const REAL *w,
+                         const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+{
+    const int64_t B = 2 * N, F = 5 * H, n = p1 - p0;
+    for (int64_t s = 0; s < tau; ++s) {
+        const int64_t t = tau - 1 - s;
+        REAL *z = mz + t * B * width;
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N);
+            const REAL *fcb = fc + (t * N + b % N) * F, *fpb = fp + (t * N + b % N) * F;
+            const REAL *hb = mh + b * H;
+            REAL *cb = mc + b * H, *zb = z + b * width;
+            for (int64_t k = 0; k < 5; ++k)
+                for (int64_t j = 0; j < H; ++j)
+                    zb[k * H + j] = cb[j] * fcb[k * H + j] + hb[j] * fpb[k * H + j];
+            memcpy(cb, zb + 4 * H, (size_t)H * sizeof(REAL));
+        }
+        NAME(load_grad)(p0, n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
+        NAME(add_product)(p0, n, N, 4 * H, H, z, width, w, w_packed, mh, H);
+    }
+}
+
+/* GRURule.step_backward: m_z = m_h' K_x; m_h = grad + m_h' mean(z) + (m_h' K_h) @ w_hh, w (3H, H);
+ * K_x, K_h (tau, N, 3, H), mean_z (tau, N, H); side (B, 3H) scratch. */
+static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *kx,
+                        const REAL *kh, const REAL *mean_z, REAL *mh, REAL *mz, int64_t width, REAL *side,
+                        const REAL *w, const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
+                        int64_t g_sh)
+{
+    const int64_t B = 2 * N, F = 3 * H, n = p1 - p0;
+    for (int64_t s = 0; s < tau; ++s) {
+        const int64_t t = tau - 1 - s;
+        REAL *z = mz + t * B * width;
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N), pair = t * N + b % N;
+            const REAL *kxb = kx + pair * F, *khb = kh + pair * F, *mzb = mean_z + pair * H;
+            REAL *hb = mh + b * H, *zb = z + b * width, *sb = side + b * F;
+            for (int64_t k = 0; k < 3; ++k)
+                for (int64_t j = 0; j < H; ++j) {
+                    zb[k * H + j] = hb[j] * kxb[k * H + j];
+                    sb[k * H + j] = hb[j] * khb[k * H + j];
+                }
+            for (int64_t j = 0; j < H; ++j)  /* the direct term z h: the last read of m_h' */
+                hb[j] *= mzb[j];
+            if (s < with_grad) {
+                const REAL *g = grad - s * g_st + b * g_sb;
+                for (int64_t j = 0; j < H; ++j)
+                    hb[j] += g[j * g_sh];
+            }
+        }
+        NAME(add_product)(p0, n, N, 3 * H, H, side, F, w, w_packed, mh, H);
+    }
+}
+
+/* RNNRule.step_backward: m_z = m_h' R; m_h = grad + m_z @ w_hh, w (H, H); R (tau, N, H). */
+static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *rescale,
+                        REAL *mh, REAL *mz, int64_t width, const REAL *w, const REAL *w_packed,
+                        const REAL *grad,
+                        int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+{
+    const int64_t B = 2 * N, n = p1 - p0;
+    for (int64_t s = 0; s < tau; ++s) {
+        const int64_t t = tau - 1 - s;
+        REAL *z = mz + t * B * width;
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N);
+            const REAL *rb = rescale + (t * N + b % N) * H;
+            for (int64_t j = 0; j < H; ++j)
+                z[b * width + j] = mh[b * H + j] * rb[j];
+        }
+        NAME(load_grad)(p0, n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
+        NAME(add_product)(p0, n, N, H, H, z, width, w, w_packed, mh, H);
+    }
+}
+
+/* ------------------------------------------------------------- entry points (ctypes calls) */
+
+/* Each runs its _pairs function on every pair, the pairs split into blocks over `threads`
+ * OpenMP threads (torch's own OpenMP runtime where the library links to it: cpu_loops.py). */
+#ifdef _OPENMP
+#define OVER_PAIRS(threads, N, call)                                                          \
+    do {                                                                                      \
+        const int team_ = (int)((threads) < (N) ? (threads) : (N));                           \
+        _Pragma("omp parallel num_threads(team_)")                                            \
+        {                                                                                     \
+            const int64_t k_ = omp_get_thread_num(), m_ = omp_get_num_threads();              \
+            const int64_t p0 = (N) * k_ / m_, p1 = (N) * (k_ + 1) / m_;                       \
+            call;                                                                             \
+        }                                                                                     \
+    } while (0)
+#else
+#define OVER_PAIRS(threads, N, call)                                                          \
+    do {                                                                                      \
+        const int64_t p0 = 0, p1 = (N);                                                       \
+        (void)(threads);                                                                      \
+        call;                                                                                 \
+    } while (0)
+#endif
+
+void NAME(lstm_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, REAL *z, REAL *c, REAL *out,
+                        const REAL *w_t, const REAL *w_t_packed, const REAL *h0, const REAL *c0, REAL *gates)
+{
+    OVER_PAIRS(threads, N, NAME(lstm_forward_pairs)(p0, p1, T, N, H, z, c, out, w_t, w_t_packed, h0, c0, gates));
+}
+
+void NAME(lstm_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *z, const REAL *c,
+                        const REAL *c_first, REAL *fc, REAL *fp)
+{
+    /* every pair-step is independent: the threads split them all, not only the pairs */
+    OVER_PAIRS(threads, tau * N, NAME(lstm_factors_rows)(p0, p1, N, H, z, c, c_first, fc, fp));
+}
+
+void NAME(lstm_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *fc, const REAL *fp,
+                         REAL *mh, REAL *mc, REAL *mz, int64_t width, const REAL *w, const REAL *w_packed,
+                         const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+{
+    OVER_PAIRS(threads, N, NAME(lstm_backward_pairs)(p0, p1, tau, N, H, fc, fp, mh, mc, mz, width, w, w_packed,
+                                                     grad, with_grad, g_st, g_sb, g_sh));
+}
+
+void NAME(gru_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *kx, const REAL *kh,
+                        const REAL *mean_z, REAL *mh, REAL *mz, int64_t width, REAL *side, const REAL *w,
+                        const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
+                        int64_t g_sh)
+{
+    OVER_PAIRS(threads, N, NAME(gru_backward_pairs)(p0, p1, tau, N, H, kx, kh, mean_z, mh, mz, width, side, w,
+                                                    w_packed, grad, with_grad, g_st, g_sb, g_sh));
+}
+
+void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *rescale, REAL *mh,
+                        REAL *mz, int64_t width, const REAL *w, const REAL *w_packed, const REAL *grad,
+                        int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+{
+    OVER_PAIRS(threads, N, NAME(rnn_backward_pairs)(p0, p1, tau, N, H, rescale, mh, mz, width, w, w_packed, grad,
+                                                    with_grad, g_st, g_sb, g_sh));
+}
+
+#undef OVER_PAIRS
+
+#undef VL
+#undef SPLAT
+#undef SELECT
+#undef APPLY
+#endif
