@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -72,6 +73,32 @@ def test_register_and_an_exact_explanation():
     print(f"shap {shap.__version__}, torch {torch.__version__}, numpy {np.__version__}: "
           f"relative additivity error {error:.2e}")
     assert error < 1e-10
+
+
+def test_cpu_loops_compile_from_the_installed_source(tmp_path):
+    """The wheel ships cpu_kernels.c: in a fresh process with an empty cache, the compiled CPU
+    loops build from site-packages and serve an explanation."""
+    child = (
+        "import sys, sysconfig, torch\n"
+        "from pathlib import Path\n"
+        "import torch_handler\n"
+        "from torch_handler import cpu_loops\n"
+        "site = Path(sysconfig.get_paths()['purelib']).resolve()\n"
+        "assert cpu_loops.SOURCE.resolve().is_relative_to(site), cpu_loops.SOURCE\n"
+        "assert cpu_loops.load(timeout=300)\n"
+        "calls = []\n"
+        "original = cpu_loops.backward_chunk\n"
+        "cpu_loops.backward_chunk = lambda *a, **k: (calls.append(1), original(*a, **k))[1]\n"
+        "module, x = torch.nn.LSTM(3, 8), torch.randn(6, 4, 3, requires_grad=True)\n"
+        "with torch_handler.deeplift_mode(module):\n"
+        "    out, _ = module(x)\n"
+        "    (grad,) = torch.autograd.grad(out.sum(), x)\n"
+        "assert calls and bool(torch.isfinite(grad).all())\n"
+    )
+    env = {**os.environ, "LSTM_DEEPSHAP_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
 
 
 def test_demo_command_from_the_wheel(tmp_path):
