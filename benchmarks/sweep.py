@@ -15,13 +15,16 @@ first-call time, is reported separately in the JSON) and then as many pairs as f
 ``--seconds`` (at least ``--min-pairs``).
 
 Section ``long`` adds the genomics-sized cell, T = 1000 with 1024 rows (largest thread count
-only). On CUDA the native variant is cuDNN (module in train() mode, the same function as eval()
+only). On the CPU the native variant is oneDNN's fused RNN (nn.LSTM) or ATen's loop (nn.GRU,
+nn.RNN), and the rule runs its compiled C loops (``torch_handler/cpu_loops.py``). On CUDA the
+native variant is cuDNN (module in train() mode, the same function as eval()
 without dropout) and the rule runs its fused loops (``torch_handler/fused_loops.py``; set
 ``LSTM_DEEPSHAP_FUSED=0`` to time the eager loops instead); section ``check`` then compares the
 compiled kernels with the eager loops and with float64, element-wise, and checks additivity.
-A cell's first call starts the kernels' compilation in the background and runs the eager
-loop: the JSON's ``first_call_ms``, and ``compile_wait_ms``, how long the cell then waited for
-the kernels before timing its pairs. Rows for a device that is not present are reported as
+A process's first call starts the compilation (C on the CPU, Triton kernels on CUDA) in the
+background and runs the eager loops: the JSON's ``first_call_ms``, and ``compile_wait_ms``, how
+long the cell then waited for the compiled loops before timing its pairs (``LSTM_DEEPSHAP_FUSED=0``
+times the eager loops instead). Rows for a device that is not present are reported as
 "not measured". Writes ``sweep.json`` into ``--out``.
 """
 

@@ -110,39 +110,46 @@ DEFINE_BLOCK(4)
 
 /* out[row] += a[row, :K] @ w for the rows of pairs p0..p0+n-1; a rows lda apart, out rows ldo
  * apart; w (K, M) row-major, and packed: its first M - M mod 2VL columns as (M / 2VL, K, 2VL),
- * every block contiguous (so that the k loop reads memory in order). */
+ * every block contiguous (so that the k loop reads memory in order). Blocked as BLAS blocks a
+ * product: a (KB, 2VL) slice of w stays in the L1 cache while every block of rows runs over it,
+ * and each row's sum still runs over k in order (the same rounding whatever the batch). */
+#define KB 128
 static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64_t M, const REAL *a,
                               int64_t lda, const REAL *w, const REAL *packed, REAL *out, int64_t ldo)
 {
     const int64_t mv = M / (2 * VL) * (2 * VL);
-    for (int64_t r0 = 0; r0 < 2 * n; r0 += 4) {
-        const int64_t rows = 2 * n - r0 < 4 ? 2 * n - r0 : 4;
-        const REAL *ar[4];
-        REAL *outr[4], *outj[4];
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t b = NAME(row)(r0 + r, p0, n, N);
-            ar[r] = a + b * lda;
-            outr[r] = out + b * ldo;
-        }
-        for (int64_t j = 0; j < mv; j += 2 * VL) {
-            for (int64_t r = 0; r < rows; ++r)
-                outj[r] = outr[r] + j;
-            switch (rows) {
-            case 4: NAME(block4)(K, ar, packed + j * K, outj); break;
-            case 3: NAME(block3)(K, ar, packed + j * K, outj); break;
-            case 2: NAME(block2)(K, ar, packed + j * K, outj); break;
-            default: NAME(block1)(K, ar, packed + j * K, outj); break;
+    for (int64_t j = 0; j < mv; j += 2 * VL)
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {
+            const int64_t kb = K - k0 < KB ? K - k0 : KB;
+            const REAL *slice = packed + j * K + k0 * 2 * VL;
+            for (int64_t r0 = 0; r0 < 2 * n; r0 += 4) {
+                const int64_t rows = 2 * n - r0 < 4 ? 2 * n - r0 : 4;
+                const REAL *ar[4];
+                REAL *outj[4];
+                for (int64_t r = 0; r < rows; ++r) {
+                    const int64_t b = NAME(row)(r0 + r, p0, n, N);
+                    ar[r] = a + b * lda + k0;
+                    outj[r] = out + b * ldo + j;
+                }
+                switch (rows) {
+                case 4: NAME(block4)(kb, ar, slice, outj); break;
+                case 3: NAME(block3)(kb, ar, slice, outj); break;
+                case 2: NAME(block2)(kb, ar, slice, outj); break;
+                default: NAME(block1)(kb, ar, slice, outj); break;
+                }
             }
         }
-        for (int64_t r = 0; r < rows; ++r)  /* columns past the last full pair of vectors */
-            for (int64_t j = mv; j < M; ++j) {
-                REAL acc = outr[r][j];
-                for (int64_t k = 0; k < K; ++k)
-                    acc += ar[r][k] * w[k * M + j];
-                outr[r][j] = acc;
-            }
+    for (int64_t r = 0; r < 2 * n; ++r) {  /* columns past the last full pair of vectors */
+        const int64_t b = NAME(row)(r, p0, n, N);
+        for (int64_t j = mv; j < M; ++j) {
+            REAL acc = out[b * ldo + j];
+            for (int64_t k = 0; k < K; ++k)
+                acc += a[b * lda + k] * w[k * M + j];
+            out[b * ldo + j] = acc;
+        }
     }
 }
+#undef KB
 
 /* --------------------------------------------------------------------------- exponentials */
 

@@ -58,7 +58,8 @@ MAX_HIDDEN = 128
 tile of the padded hidden size (larger ones would spill)."""
 
 ENV = "LSTM_DEEPSHAP_FUSED"
-"""Set to ``0`` to run the eager step loop everywhere (to compare, or to rule the kernels out)."""
+"""Set to ``0`` to run the eager step loops everywhere, these GPU kernels and the compiled CPU
+loops (:mod:`torch_handler.cpu_loops`) off: to compare, or to rule the compiled code out."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _ROWS = 16  # forward: batch rows per program (tl.dot needs >= 16)
