@@ -13,7 +13,9 @@ one matmul before the loop, one matmul per step in each direction, preallocated 
 per-step lists to stack, no per-step temporaries for the gates), and in backward the rule's
 coefficients computed a chunk of steps at a time, with one matmul per chunk for the input
 multipliers. A single cell step is the same Function with ``T = 1``, so cells and sequences
-share one code path.
+share one code path. The step loops run compiled where they can (C on CPUs,
+:mod:`torch_handler.cpu_loops`; Triton kernels on GPUs, :mod:`torch_handler.fused_loops`) and
+as the eager loops below otherwise: the same rule, the same results to rounding.
 """
 
 from __future__ import annotations
