@@ -262,6 +262,10 @@ def test_the_library_is_compiled_once_then_loaded_from_the_cache(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert run_child(tmp_path)[:3] == (True, True, 0)  # a second process: loaded, not rebuilt
     assert sorted(tmp_path.glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    # A cached file others could have written is never loaded: it is rebuilt.
+    built[0].chmod(0o666)
+    assert run_child(tmp_path)[:3] == (True, True, 0)
+    assert built[0].stat().st_mode & 0o022 == 0
 
 
 def test_a_failed_compilation_warns_once_and_leaves_the_eager_loop(tmp_path):

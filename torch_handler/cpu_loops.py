@@ -8,13 +8,14 @@ of the rules' code, each running a whole layer or a whole backward chunk in one 
 ``step_backward`` of every cell type, and for the LSTM its forward ``step`` loop and its
 chunk's ``coefficients`` / ``step_factors`` as well (one pass instead of some twenty torch
 kernels over the chunk). OpenMP threads (torch's own, see ``_OPTIONAL_FLAGS``) take blocks of
-pairs; a row's arithmetic does not depend on the other rows of its batch, so every engine gets
-the same numbers for the same (input, reference) however it batches them. What stays in torch:
-the input projection and the input multipliers' matmul (one BLAS call per layer or chunk), and
-the GRU's and RNN's coefficients and forward loop, which keep pace with native without help.
+pairs; a row's arithmetic in them does not depend on the other rows of its batch, so engines
+that batch the same pairs differently differ only where BLAS does (the input projections and
+the input multipliers, one BLAS call per layer or chunk in every path). What stays in torch:
+those two products, and the GRU's and RNN's coefficients and forward loop, which keep pace
+with native without help.
 
 Compilation never blocks an explanation: the first call that could use the kernels starts the
-C compiler in a background thread (a fraction of a second) and runs the eager loops; calls
+C compiler in a background thread (about 2 s) and runs the eager loops; calls
 after it has finished get the compiled ones (:func:`load` compiles and waits, :func:`wait`
 waits). The library is cached on disk per source, compiler and CPU (``$LSTM_DEEPSHAP_CACHE``,
 else ``$XDG_CACHE_HOME/lstm-deepshap`` or ``~/.cache/lstm-deepshap``), so later processes
@@ -176,14 +177,18 @@ def _build(done: threading.Event) -> None:
 
 def _library_path(key: str, compiler: str) -> Path:
     """The cached library for ``key``, compiled first if absent (written under a temporary
-    name and renamed: concurrent processes never load a half-written file)."""
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "lstm-deepshap"):
+    name and renamed: concurrent processes never load a half-written file). Where the cache
+    folder cannot be written, a private temporary folder of this process serves instead (never
+    a shared one: a library another user could have placed there would be loaded)."""
+    for folder in (_cache_dir(), None):
         try:
+            if folder is None:
+                folder = Path(tempfile.mkdtemp(prefix="lstm-deepshap-"))
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
         path = folder / f"cpu_kernels-{key}.so"
-        if path.exists():
+        if path.exists() and _owned(path):
             return path
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             built = Path(scratch) / path.name
@@ -196,7 +201,15 @@ def _library_path(key: str, compiler: str) -> Path:
                 raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, path)
         return path
-    raise OSError("no writable cache folder for the compiled CPU loops")
+    raise OSError("no writable folder for the compiled CPU loops")
+
+
+def _owned(path: Path) -> bool:
+    """Whether a cached library is this user's own (POSIX: same owner, not writable by others)."""
+    if not hasattr(os, "getuid"):
+        return True
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _declare(library: ctypes.CDLL) -> None:
