@@ -1,7 +1,7 @@
 """The compiled CPU loops (torch_handler/cpu_loops.py, cpu_kernels.c) against the eager rule.
 
 The C functions are twins of the rules' ``step`` (LSTM), ``coefficients`` + ``step_factors``
-(LSTM) and ``step_backward`` (every cell type): the same numbers up to rounding, checked
+and ``step_backward`` (every cell type): the same numbers up to rounding, checked
 element-wise here for every cell type, both dtypes, one pair and several (one thread and a
 team of threads), hidden sizes that fill the vectors and sizes that leave tails, backward
 chunks that start mid-sequence, output multipliers dense, expanded (stride 0) and absent, and
@@ -88,19 +88,24 @@ def test_lstm_forward_matches_the_step_loop(threads, dtype, pairs, hidden, scale
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("pairs,hidden", SHAPES)
 @pytest.mark.parametrize("t0", [0, 4])
-def test_lstm_factors_match_the_rule(threads, dtype, pairs, hidden, t0):
-    rule, weights, x, state0 = layer("LSTM", pairs, hidden, dtype, scale=4.0)
+@pytest.mark.parametrize("kind", list(RULES))
+def test_factors_match_the_rule(threads, kind, dtype, pairs, hidden, t0):
+    rule, weights, x, state0 = layer(kind, pairs, hidden, dtype, scale=4.0)
     buffers = eager_forward(rule, weights, x, state0)
-    Z = buffers[0]
-    n = pairs
-    # Halves equal (Δ = 0: the derivative limit) and nearly equal (the series branch), and
-    # saturated gates (σ = 0 or 1 in float32).
-    Z[:, n:, : hidden // 2] = Z[:, :n, : hidden // 2]
-    Z[:, n:, hidden // 2 : hidden] = Z[:, :n, hidden // 2 : hidden] * (1 + 1e-6)
-    Z[:, :, 2 * hidden : 2 * hidden + 3] = 60.0
-    Z[:, :, 3 * hidden : 3 * hidden + 3] = -60.0
+    pre, n = buffers[0], pairs
+    # Halves equal (Δ = 0: the derivative limit), nearly equal (the series branch) and
+    # saturated (σ = 0 or 1 in float32) in the first columns of every gate block.
+    for block in range(pre.shape[-1] // hidden):
+        cols = slice(block * hidden, block * hidden + hidden)
+        part = pre[..., cols]
+        part[:, n:, : hidden // 3] = part[:, :n, : hidden // 3]
+        part[:, n:, hidden // 3 : 2 * hidden // 3] = part[:, :n, hidden // 3 : 2 * hidden // 3] * (1 + 1e-6)
+        part[:, :, -2:] = torch.tensor([60.0, -60.0], dtype=dtype)
+    if kind == "RNN-relu":  # both signs of a relu pair, and a pair straddling 0
+        pre[:, :n, 0], pre[:, n:, 0] = 1.5, -0.5
     want = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, x.shape[0]))
     got = cpu_loops.step_factors(rule, weights, buffers, state0, t0, x.shape[0])
+    assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         assert relative(g, w) <= bar(dtype)
@@ -223,7 +228,7 @@ def test_the_loops_serve_only_what_they_compile():
     finally:
         os.environ.pop(cpu_loops.ENV)
     assert cpu_loops.runs(rule, "forward") and cpu_loops.runs(GRURule(), "backward")
-    assert not cpu_loops.runs(GRURule(), "forward") and not cpu_loops.runs(RNNRule(), "factors")
+    assert cpu_loops.runs(RNNRule(), "factors") and not cpu_loops.runs(GRURule(), "forward")
 
 
 CHILD = textwrap.dedent(

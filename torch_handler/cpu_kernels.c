@@ -1,6 +1,6 @@
 /* The rule's step loops on CPUs: compiled twins of code in torch_handler/rules.py, in float
- * and double: step_backward of every cell type, and the LSTM's step (forward) and its chunk
- * coefficients (coefficients + step_factors).
+ * and double: the chunk coefficients (coefficients, + step_factors for the LSTM) and
+ * step_backward of every cell type, and the LSTM's step (forward).
  *
  * Why C: at small batches a step is a (rows x K) by (K x M) product and a few elementwise
  * operations over a few hundred numbers. Issued from Python as torch ops, each costs
@@ -281,9 +281,9 @@ static inline NAME(vec) NAME(tanh_of_double)(NAME(operand) twice)
 /* LSTMRule.step over T steps: z (T, B, 4H) holds the input projections (g's block doubled,
  * u_g = 2 z_g) and gets the recurrent part added; c (T, B, H) and out (T, B, H) written;
  * w_t = w_hh transposed (H, 4H); h0, c0 (B, H); gates (B, 4H) scratch. */
-static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N, int64_t H, REAL *z, REAL *c,
-                        REAL *out, const REAL *w_t, const REAL *w_t_packed, const REAL *h0, const REAL *c0,
-                        REAL *gates)
+static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N, int64_t H, REAL *z,
+                                     REAL *c, REAL *out, const REAL *w_t, const REAL *w_t_packed,
+                                     const REAL *h0, const REAL *c0, REAL *gates)
 {
     const int64_t B = 2 * N, G = 4 * H, n = p1 - p0;
     for (int64_t t = 0; t < T; ++t) {
@@ -308,14 +308,14 @@ static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t 
 }
 
 /* LSTMRule.coefficients and step_factors for a chunk of tau steps (this function: its pair-steps
- * i0..i1-1, i = t N + p; they are independent): z (tau, B, 4H) its
- * pre-activations (g's doubled), c (tau, B, H) its cell states, c_first (B, H) the state
- * before its first step; writes fc, fp (tau, N, 5, H):
+ * i0..i1-1, i = t N + p; they are independent): z (tau, B, 4H) its pre-activations (g's
+ * doubled), c (tau, B, H) its cell states, c_first (B, H) the state before its first step;
+ * writes fc, fp (tau, N, 5, H):
  *   F_c = [K_i, K_f, K_g, 0, mean f],  F_p = [A K_i, A K_f, A K_g, K_o, A mean f],
  *   K_i = R(u_i) mean(g), K_f = R(u_f) mean(c), K_g = 2 R(u_g) mean(i), K_o = R(u_o) mean(tanh c'),
  *   A = mean(o) R_tanh(c'), R the sigmoid's Rescale factor, g = 2σ(u_g) - 1. */
-static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *z, const REAL *c,
-                                    const REAL *c_first, REAL *fc, REAL *fp)
+static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *z,
+                                    const REAL *c, const REAL *c_first, REAL *fc, REAL *fp)
 {
     const int64_t B = 2 * N, G = 4 * H;
     for (int64_t i = i0; i < i1; ++i) {  /* i = t N + p: step t of pair p */
@@ -361,6 +361,87 @@ static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H
     }
 }
 
+/* Loads m (<= VL) numbers from p into a vector, zeros past them. */
+static inline NAME(vec) NAME(load)(const REAL *p, int64_t m)
+{
+    NAME(vec) v = SPLAT(0);
+    memcpy(&v, p, (size_t)m * sizeof(REAL));
+    return v;
+}
+
+/* GRURule.coefficients for a chunk (this function: its pair-steps i0..i1-1, i = t N + p): gx
+ * (tau, B, 3H) with the r and z columns completed to pre-activations and n's doubled input
+ * part, hn (tau, B, H) = hn', h (tau, B, H) the outputs, h_first (B, H) the state before the
+ * chunk; writes kx, kh (tau, N, 3, H) and mean_z (tau, N, H):
+ *   u = gx_n + r hn',  K_z = (mean(h) - mean(n)) R(pre_z),  K_n = 2 mean(1 - z) R(u),
+ *   K_r = mean(hn') R(pre_r) K_n,  K_h = [K_r, K_z, K_n mean(r)],  n = 2σ(u) - 1. */
+static void NAME(gru_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *gx,
+                                   const REAL *hn, const REAL *h, const REAL *h_first, REAL *kx, REAL *kh,
+                                   REAL *mean_z)
+{
+    const int64_t B = 2 * N, G = 3 * H;
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / N, p = i % N;
+        const REAL *ga = gx + (t * B + p) * G, *gr = gx + (t * B + N + p) * G;
+        const REAL *hna = hn + (t * B + p) * H, *hnr = hn + (t * B + N + p) * H;
+        const REAL *ha = t ? h + ((t - 1) * B + p) * H : h_first + p * H;
+        const REAL *hr = t ? h + ((t - 1) * B + N + p) * H : h_first + (N + p) * H;
+        REAL *Kx = kx + i * G, *Kh = kh + i * G, *mz = mean_z + i * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            const NAME(operand) r_a = NAME(operand_of)(NAME(load)(ga + j, m));
+            const NAME(operand) r_r = NAME(operand_of)(NAME(load)(gr + j, m));
+            const NAME(operand) z_a = NAME(operand_of)(NAME(load)(ga + H + j, m));
+            const NAME(operand) z_r = NAME(operand_of)(NAME(load)(gr + H + j, m));
+            const NAME(vec) hn_a = NAME(load)(hna + j, m), hn_r = NAME(load)(hnr + j, m);
+            const NAME(operand) u_a = NAME(operand_of)(NAME(load)(ga + 2 * H + j, m) + r_a.pos * hn_a);
+            const NAME(operand) u_r = NAME(operand_of)(NAME(load)(gr + 2 * H + j, m) + r_r.pos * hn_r);
+            const NAME(vec) mean_n = (u_a.pos + u_r.pos) * (REAL)0.5 * 2 - 1;
+            const NAME(vec) mean_h = (NAME(load)(ha + j, m) + NAME(load)(hr + j, m)) * (REAL)0.5;
+            const NAME(vec) k_z = (mean_h - mean_n) * NAME(rescale_sigmoid)(z_a, z_r);
+            const NAME(vec) k_n = (z_a.neg + z_r.neg) * (REAL)0.5 * NAME(rescale_sigmoid)(u_a, u_r) * 2;
+            const NAME(vec) k_r = (hn_a + hn_r) * (REAL)0.5 * NAME(rescale_sigmoid)(r_a, r_r) * k_n;
+            const NAME(vec) k_hn = k_n * ((r_a.pos + r_r.pos) * (REAL)0.5);
+            const NAME(vec) m_z = (z_a.pos + z_r.pos) * (REAL)0.5;
+            memcpy(Kx + j, &k_r, (size_t)m * sizeof(REAL));
+            memcpy(Kx + H + j, &k_z, (size_t)m * sizeof(REAL));
+            memcpy(Kx + 2 * H + j, &k_n, (size_t)m * sizeof(REAL));
+            memcpy(Kh + j, &k_r, (size_t)m * sizeof(REAL));
+            memcpy(Kh + H + j, &k_z, (size_t)m * sizeof(REAL));
+            memcpy(Kh + 2 * H + j, &k_hn, (size_t)m * sizeof(REAL));
+            memcpy(mz + j, &m_z, (size_t)m * sizeof(REAL));
+        }
+    }
+}
+
+/* RNNRule.coefficients for a chunk (pair-steps i0..i1-1): pre (tau, B, H) the pre-activations;
+ * writes rescale (tau, N, H), the Rescale factor of tanh (relu = 0) or relu (relu = 1). */
+static void NAME(rnn_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, int64_t relu,
+                                   const REAL *pre, REAL *rescale)
+{
+    const int64_t B = 2 * N;
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / N, p = i % N;
+        const REAL *pa = pre + (t * B + p) * H, *pr = pre + (t * B + N + p) * H;
+        REAL *R = rescale + i * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            const NAME(vec) a = NAME(load)(pa + j, m), r = NAME(load)(pr + j, m);
+            NAME(vec) f;
+            if (relu) {  /* rules.rescale_relu: exact quotient, midpoint derivative at a = r */
+                const NAME(vec) d = a - r, zero = SPLAT(0);
+                const NAME(vec) relu_a = SELECT(a > 0, a, zero), relu_r = SELECT(r > 0, r, zero);
+                const NAME(ivec) same = (NAME(ivec))(d == 0);
+                const NAME(vec) quotient = (relu_a - relu_r) / SELECT(same, SPLAT(1), d);
+                f = SELECT(same, SELECT(a + r > 0, SPLAT(1), zero), quotient);
+            } else {  /* rules.rescale_tanh = 4 rescale_sigmoid(2a, 2r) */
+                f = NAME(rescale_sigmoid)(NAME(operand_of)(2 * a), NAME(operand_of)(2 * r)) * 4;
+            }
+            memcpy(R + j, &f, (size_t)m * sizeof(REAL));
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------ backward */
 
 /* mh[row] = grad row of step s (0 once s >= with_grad), for the rows of pairs p0..p0+n-1. */
@@ -381,9 +462,10 @@ static void NAME(load_grad)(int64_t p0, int64_t n, int64_t N, int64_t H, REAL *m
 
 /* LSTMRule.step_backward: [m_i, m_f, m_g, m_o, m_c] = m_c' F_c + m_h' F_p (the first 5H columns
  * of mz; m_c the fifth block); m_h = grad + [m_i m_f m_g m_o] @ w_hh, w (4H, H). */
-static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *fc,
-                         const REAL *fp, REAL *mh, REAL *mc, REAL *mz, int64_t width, const REAL *w,
-                         const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H,
+                                      const REAL *fc, const REAL *fp, REAL *mh, REAL *mc, REAL *mz,
+                                      int64_t width, const REAL *w, const REAL *w_packed, const REAL *grad,
+                                      int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
 {
     const int64_t B = 2 * N, F = 5 * H, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
@@ -406,10 +488,11 @@ static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64
 
 /* GRURule.step_backward: m_z = m_h' K_x; m_h = grad + m_h' mean(z) + (m_h' K_h) @ w_hh, w (3H, H);
  * K_x, K_h (tau, N, 3, H), mean_z (tau, N, H); side (B, 3H) scratch. */
-static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *kx,
-                        const REAL *kh, const REAL *mean_z, REAL *mh, REAL *mz, int64_t width, REAL *side,
-                        const REAL *w, const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
-                        int64_t g_sh)
+static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H,
+                                     const REAL *kx, const REAL *kh, const REAL *mean_z, REAL *mh, REAL *mz,
+                                     int64_t width, REAL *side, const REAL *w, const REAL *w_packed,
+                                     const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
+                                     int64_t g_sh)
 {
     const int64_t B = 2 * N, F = 3 * H, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
@@ -437,10 +520,10 @@ static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
 }
 
 /* RNNRule.step_backward: m_z = m_h' R; m_h = grad + m_z @ w_hh, w (H, H); R (tau, N, H). */
-static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H, const REAL *rescale,
-                        REAL *mh, REAL *mz, int64_t width, const REAL *w, const REAL *w_packed,
-                        const REAL *grad,
-                        int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H,
+                                     const REAL *rescale, REAL *mh, REAL *mz, int64_t width, const REAL *w,
+                                     const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st,
+                                     int64_t g_sb, int64_t g_sh)
 {
     const int64_t B = 2 * N, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
@@ -484,7 +567,8 @@ static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
 void NAME(lstm_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, REAL *z, REAL *c, REAL *out,
                         const REAL *w_t, const REAL *w_t_packed, const REAL *h0, const REAL *c0, REAL *gates)
 {
-    OVER_PAIRS(threads, N, NAME(lstm_forward_pairs)(p0, p1, T, N, H, z, c, out, w_t, w_t_packed, h0, c0, gates));
+    OVER_PAIRS(threads, N,
+               NAME(lstm_forward_pairs)(p0, p1, T, N, H, z, c, out, w_t, w_t_packed, h0, c0, gates));
 }
 
 void NAME(lstm_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *z, const REAL *c,
@@ -494,12 +578,25 @@ void NAME(lstm_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
     OVER_PAIRS(threads, tau * N, NAME(lstm_factors_rows)(p0, p1, N, H, z, c, c_first, fc, fp));
 }
 
+void NAME(gru_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *gx, const REAL *hn,
+                       const REAL *h, const REAL *h_first, REAL *kx, REAL *kh, REAL *mean_z)
+{
+    OVER_PAIRS(threads, tau * N, NAME(gru_factors_rows)(p0, p1, N, H, gx, hn, h, h_first, kx, kh, mean_z));
+}
+
+void NAME(rnn_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, int64_t relu, const REAL *pre,
+                       REAL *rescale)
+{
+    OVER_PAIRS(threads, tau * N, NAME(rnn_factors_rows)(p0, p1, N, H, relu, pre, rescale));
+}
+
 void NAME(lstm_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *fc, const REAL *fp,
                          REAL *mh, REAL *mc, REAL *mz, int64_t width, const REAL *w, const REAL *w_packed,
                          const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
 {
-    OVER_PAIRS(threads, N, NAME(lstm_backward_pairs)(p0, p1, tau, N, H, fc, fp, mh, mc, mz, width, w, w_packed,
-                                                     grad, with_grad, g_st, g_sb, g_sh));
+    OVER_PAIRS(threads, N,
+               NAME(lstm_backward_pairs)(p0, p1, tau, N, H, fc, fp, mh, mc, mz, width, w, w_packed, grad,
+                                         with_grad, g_st, g_sb, g_sh));
 }
 
 void NAME(gru_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *kx, const REAL *kh,
@@ -507,16 +604,18 @@ void NAME(gru_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
                         const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
                         int64_t g_sh)
 {
-    OVER_PAIRS(threads, N, NAME(gru_backward_pairs)(p0, p1, tau, N, H, kx, kh, mean_z, mh, mz, width, side, w,
-                                                    w_packed, grad, with_grad, g_st, g_sb, g_sh));
+    OVER_PAIRS(threads, N,
+               NAME(gru_backward_pairs)(p0, p1, tau, N, H, kx, kh, mean_z, mh, mz, width, side, w, w_packed,
+                                        grad, with_grad, g_st, g_sb, g_sh));
 }
 
 void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *rescale, REAL *mh,
                         REAL *mz, int64_t width, const REAL *w, const REAL *w_packed, const REAL *grad,
                         int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
 {
-    OVER_PAIRS(threads, N, NAME(rnn_backward_pairs)(p0, p1, tau, N, H, rescale, mh, mz, width, w, w_packed, grad,
-                                                    with_grad, g_st, g_sb, g_sh));
+    OVER_PAIRS(threads, N,
+               NAME(rnn_backward_pairs)(p0, p1, tau, N, H, rescale, mh, mz, width, w, w_packed, grad,
+                                        with_grad, g_st, g_sb, g_sh));
 }
 
 #undef OVER_PAIRS

@@ -4,15 +4,15 @@ Why: a step of the eager loops (:mod:`torch_handler.function`) is a handful of t
 few hundred numbers each at small batches, and their dispatch, not their arithmetic, sets the
 time (BLAS's path for two-row products is slow too): the LSTM's eager forward+backward took
 3-4x native autograd's (oneDNN's fused RNN) at 2 rows. ``cpu_kernels.c`` holds compiled twins
-of the rules' code, each running a whole layer or a whole backward chunk in one call:
-``step_backward`` of every cell type, and for the LSTM its forward ``step`` loop and its
-chunk's ``coefficients`` / ``step_factors`` as well (one pass instead of some twenty torch
-kernels over the chunk). OpenMP threads (torch's own, see ``_OPTIONAL_FLAGS``) take blocks of
+of the rules' code, each running a whole layer or a whole backward chunk in one call: every
+cell type's chunk ``coefficients`` (+ ``step_factors``; one pass instead of some twenty torch
+kernels over the chunk) and ``step_backward`` loop, and the LSTM's forward ``step`` loop.
+OpenMP threads (torch's own, see ``_OPTIONAL_FLAGS``) take blocks of
 pairs; a row's arithmetic in them does not depend on the other rows of its batch, so engines
 that batch the same pairs differently differ only where BLAS does (the input projections and
 the input multipliers, one BLAS call per layer or chunk in every path). What stays in torch:
-those two products, and the GRU's and RNN's coefficients and forward loop, which keep pace
-with native without help.
+those two products, and the GRU's and RNN's forward loops, which keep pace with native
+without help.
 
 Compilation never blocks an explanation: the first call that could use the kernels starts the
 C compiler in a background thread (about 2 s) and runs the eager loops; calls
@@ -90,10 +90,10 @@ def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, 
 
 def runs(rule, part: str) -> bool:
     """Whether the compiled code has ``part`` ("forward", "factors" or "backward") of this cell
-    type: the backward loop of every cell type; LSTM's forward loop and chunk factors too (GRU
-    and RNN layers, which keep pace with native autograd without them, run the eager forward
-    and their rules' ``coefficients``)."""
-    return part == "backward" or getattr(rule, "name", None) == "LSTM"
+    type: every cell type's chunk factors and backward loop; the forward loop of the LSTM only
+    (GRU and RNN layers, which keep pace with native autograd without it, run the eager
+    forward)."""
+    return part != "forward" or getattr(rule, "name", None) == "LSTM"
 
 
 def _compiled() -> bool:
@@ -218,6 +218,8 @@ def _declare(library: ctypes.CDLL) -> None:
     signatures = {  # each starts with (threads, steps, N, H)
         "lstm_forward": [i64] * 4 + [ptr] * 8,
         "lstm_factors": [i64] * 4 + [ptr] * 5,
+        "gru_factors": [i64] * 4 + [ptr] * 7,
+        "rnn_factors": [i64] * 5 + [ptr] * 2,
         "lstm_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 3 + grad,
         "gru_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 4 + grad,
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad,
@@ -255,17 +257,31 @@ def forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
     return OUT[-1], C[-1]
 
 
-def step_factors(rule, weights, buffers, state0, t0: int, t1: int) -> tuple[Tensor, Tensor]:
-    """``rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))`` for an
-    LSTM layer, in one pass over the chunk: F_c, F_p (τ, N, 5, H)."""
-    Z, C, _ = buffers
-    tau, (B, H) = t1 - t0, C.shape[1:]
-    c_first = C[t0 - 1] if t0 > 0 else state0[1].contiguous()
-    F_c, F_p = (Z.new_empty(tau, B // 2, 5, H) for _ in range(2))
-    kernel = getattr(_LIBRARY, f"lstm_factors_{_SUFFIX[Z.dtype]}")
-    kernel(torch.get_num_threads(), tau, B // 2, H, Z[t0].data_ptr(), C[t0].data_ptr(), c_first.data_ptr(),
-           F_c.data_ptr(), F_p.data_ptr())
-    return F_c, F_p
+def step_factors(rule, weights, buffers, state0, t0: int, t1: int) -> tuple[Tensor, ...]:
+    """``rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))`` in one
+    pass over the chunk: LSTM (F_c, F_p), each (τ, N, 5, H); GRU (K_x, K_h) (τ, N, 3, H) and
+    mean(z) (τ, N, H); RNN (R,) (τ, N, H)."""
+    tau, B, H = t1 - t0, buffers[0].shape[1], state0[0].shape[-1]
+    N, threads = B // 2, torch.get_num_threads()
+    kernel = getattr(_LIBRARY, f"{_KIND[rule.name]}_factors_{_SUFFIX[buffers[0].dtype]}")
+    new = lambda *shape: buffers[0].new_empty(tau, N, *shape)  # noqa: E731
+    if rule.name == "LSTM":
+        Z, C, _ = buffers
+        c_first = C[t0 - 1] if t0 > 0 else state0[1].contiguous()
+        F_c, F_p = new(5, H), new(5, H)
+        kernel(threads, tau, N, H, Z[t0].data_ptr(), C[t0].data_ptr(), c_first.data_ptr(), F_c.data_ptr(),
+               F_p.data_ptr())
+        return F_c, F_p
+    if rule.name == "GRU":
+        GX, HN, OUT = buffers
+        h_first = OUT[t0 - 1] if t0 > 0 else state0[0].contiguous()
+        K_x, K_h, mean_z = new(3, H), new(3, H), new(H)
+        kernel(threads, tau, N, H, GX[t0].data_ptr(), HN[t0].data_ptr(), OUT[t0].data_ptr(), h_first.data_ptr(),
+               K_x.data_ptr(), K_h.data_ptr(), mean_z.data_ptr())
+        return K_x, K_h, mean_z
+    R = new(H)
+    kernel(threads, tau, N, H, int(rule.nonlinearity == "relu"), buffers[0][t0].data_ptr(), R.data_ptr())
+    return (R,)
 
 
 def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ...], m_z_chunk: Tensor,
