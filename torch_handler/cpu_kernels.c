@@ -39,6 +39,21 @@
 #include <omp.h>
 #endif
 
+/* Bytes per vector: the widest registers the target has (32 registers of 64 bytes with
+ * AVX-512; otherwise 32-byte vectors, which AVX2's 16 registers and NEON's 32 hold without
+ * spilling the products' accumulators). */
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#else
+#define VECTOR_BYTES 32
+#endif
+
+/* Bytes per row of a block of packed weights (see add_product): cpu_loops.py packs to it. */
+int64_t packed_block_bytes(void)
+{
+    return 2 * VECTOR_BYTES;
+}
+
 #define REAL float
 #define NAME(name) name##_f32
 #define INT int32_t
@@ -60,8 +75,8 @@
 
 #else /* the kernels, once per REAL */
 
-typedef REAL NAME(vec) __attribute__((vector_size(64)));
-typedef INT NAME(ivec) __attribute__((vector_size(64 * sizeof(INT) / sizeof(REAL))));
+typedef REAL NAME(vec) __attribute__((vector_size(VECTOR_BYTES)));
+typedef INT NAME(ivec) __attribute__((vector_size(VECTOR_BYTES)));  /* INT is as wide as REAL */
 #define VL ((int64_t)(sizeof(NAME(vec)) / sizeof(REAL)))
 #define SPLAT(v) ((NAME(vec)){0} + (REAL)(v))
 /* Lanewise mask ? a : b, the mask from a vector comparison (all bits set where true). */

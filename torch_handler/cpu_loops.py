@@ -224,20 +224,20 @@ def _declare(library: ctypes.CDLL) -> None:
         "gru_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 4 + grad,
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad,
     }
+    library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
     for suffix in _SUFFIX.values():
         for name, argtypes in signatures.items():
             function = getattr(library, f"{name}_{suffix}")
             function.argtypes, function.restype = argtypes, None
 
 
-_BLOCK_BYTES = 128  # a row of a packed block: two 64-byte vectors (cpu_kernels.c, add_product)
 
 
 def _packed(w: Tensor) -> Tensor:
     """``w`` (K, M)'s first M - M mod C columns as (M // C, K, C), C columns per block: the
     layout the kernels' products stream (each block's K rows contiguous)."""
     K, M = w.shape
-    C = _BLOCK_BYTES // w.element_size()
+    C = _LIBRARY.packed_block_bytes() // w.element_size()
     full = M // C * C
     return w[:, :full].reshape(K, full // C, C).transpose(0, 1).contiguous()
 
