@@ -44,8 +44,10 @@
  * spilling the products' accumulators). */
 #if defined(__AVX512F__)
 #define VECTOR_BYTES 64
+#define ROW_BLOCK 8 /* rows per block of a product (add_product): 16 accumulators of 32 registers */
 #else
 #define VECTOR_BYTES 32
+#define ROW_BLOCK 4 /* 8 accumulators of 16 registers */
 #endif
 
 /* Bytes per row of a block of packed weights (see add_product): cpu_loops.py packs to it. */
@@ -92,7 +94,7 @@ static inline int64_t NAME(row)(int64_t r, int64_t p0, int64_t n, int64_t N)
 
 /* out[r][0:2VL] += a[r][:K] @ w for R rows, w a packed (K, 2VL) block: one function per R, so
  * that the loops over rows have constant trip counts and the 2R accumulators stay in registers
- * while the k loop streams w. */
+ * while the k loop streams w (R up to ROW_BLOCK: 8 rows in AVX-512's 32 registers, else 4). */
 #define DEFINE_BLOCK(R)                                                                         \
     static void NAME(block##R)(int64_t K, const REAL *const *a, const REAL *w,                 \
                                REAL *const *out)                                               \
@@ -121,6 +123,12 @@ DEFINE_BLOCK(1)
 DEFINE_BLOCK(2)
 DEFINE_BLOCK(3)
 DEFINE_BLOCK(4)
+#if ROW_BLOCK == 8
+DEFINE_BLOCK(5)
+DEFINE_BLOCK(6)
+DEFINE_BLOCK(7)
+DEFINE_BLOCK(8)
+#endif
 #undef DEFINE_BLOCK
 
 /* out[row] += a[row, :K] @ w for the rows of pairs p0..p0+n-1; a rows lda apart, out rows ldo
@@ -137,16 +145,22 @@ static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64
         for (int64_t k0 = 0; k0 < K; k0 += KB) {
             const int64_t kb = K - k0 < KB ? K - k0 : KB;
             const REAL *slice = packed + j * K + k0 * 2 * VL;
-            for (int64_t r0 = 0; r0 < 2 * n; r0 += 4) {
-                const int64_t rows = 2 * n - r0 < 4 ? 2 * n - r0 : 4;
-                const REAL *ar[4];
-                REAL *outj[4];
+            for (int64_t r0 = 0; r0 < 2 * n; r0 += ROW_BLOCK) {
+                const int64_t rows = 2 * n - r0 < ROW_BLOCK ? 2 * n - r0 : ROW_BLOCK;
+                const REAL *ar[ROW_BLOCK];
+                REAL *outj[ROW_BLOCK];
                 for (int64_t r = 0; r < rows; ++r) {
                     const int64_t b = NAME(row)(r0 + r, p0, n, N);
                     ar[r] = a + b * lda + k0;
                     outj[r] = out + b * ldo + j;
                 }
                 switch (rows) {
+#if ROW_BLOCK == 8
+                case 8: NAME(block8)(kb, ar, slice, outj); break;
+                case 7: NAME(block7)(kb, ar, slice, outj); break;
+                case 6: NAME(block6)(kb, ar, slice, outj); break;
+                case 5: NAME(block5)(kb, ar, slice, outj); break;
+#endif
                 case 4: NAME(block4)(kb, ar, slice, outj); break;
                 case 3: NAME(block3)(kb, ar, slice, outj); break;
                 case 2: NAME(block2)(kb, ar, slice, outj); break;
