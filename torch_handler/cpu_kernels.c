@@ -1,6 +1,6 @@
 /* The rule's step loops on CPUs: compiled twins of code in torch_handler/rules.py, in float
- * and double: the chunk coefficients (coefficients, + step_factors for the LSTM) and
- * step_backward of every cell type, and the LSTM's step (forward).
+ * and double, for every cell type: step (the forward loop), the chunk coefficients
+ * (coefficients, + step_factors for the LSTM) and step_backward.
  *
  * Why C: at small batches a step is a (rows x K) by (K x M) product and a few elementwise
  * operations over a few hundred numbers. Issued from Python as torch ops, each costs
@@ -336,6 +336,72 @@ static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t 
     }
 }
 
+/* GRURule.step over T steps: gx (T, B, 3H) holds the input projections (the r and z biases of
+ * both sides added, n's rows doubled) and gets its r and z columns completed to pre-activations;
+ * hn (T, B, H) written with hn' = W_hn' h + b_hn'; out (T, B, H) written; w_rz_t (H, 2H) and
+ * w_n_t (H, H) the transposed rows of w_hh (with packed copies); b_hn (H) or NULL; h0 (B, H);
+ * gates (B, 2H) scratch. n = 2σ(gx_n' + r hn') - 1, h' = n + z (h - n). */
+static void NAME(gru_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N, int64_t H, REAL *gx,
+                                    REAL *hn, REAL *out, const REAL *w_rz_t, const REAL *w_rz_packed,
+                                    const REAL *w_n_t, const REAL *w_n_packed, const REAL *b_hn,
+                                    const REAL *h0, REAL *gates)
+{
+    const int64_t B = 2 * N, G = 3 * H, n = p1 - p0;
+    for (int64_t t = 0; t < T; ++t) {
+        REAL *gxt = gx + t * B * G, *hnt = hn + t * B * H, *ht = out + t * B * H;
+        const REAL *h_prev = t ? out + (t - 1) * B * H : h0;
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            REAL *hb = hnt + NAME(row)(r, p0, n, N) * H;
+            if (b_hn)
+                memcpy(hb, b_hn, (size_t)H * sizeof(REAL));
+            else
+                memset(hb, 0, (size_t)H * sizeof(REAL));
+        }
+        NAME(add_product)(p0, n, N, H, 2 * H, h_prev, H, w_rz_t, w_rz_packed, gxt, G);
+        NAME(add_product)(p0, n, N, H, H, h_prev, H, w_n_t, w_n_packed, hnt, H);
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N);
+            REAL *s = gates + b * 2 * H, *hb = ht + b * H;
+            const REAL *gb = gxt + b * G, *hnb = hnt + b * H, *hp = h_prev + b * H;
+            memcpy(s, gb, (size_t)(2 * H) * sizeof(REAL));
+            APPLY(NAME(sigmoid), s, 2 * H);  /* r, z */
+            for (int64_t j = 0; j < H; ++j)  /* u = gx_n' + r hn' */
+                hb[j] = gb[2 * H + j] + s[j] * hnb[j];
+            APPLY(NAME(sigmoid), hb, H);
+            for (int64_t j = 0; j < H; ++j) {  /* n = 2(σ(u) - 1/2), h' = n + z (h - n) */
+                const REAL n_j = (hb[j] - (REAL)0.5) * 2;
+                hb[j] = n_j + s[H + j] * (hp[j] - n_j);
+            }
+        }
+    }
+}
+
+/* RNNRule.step over T steps: pre (T, B, H) holds the input projections and gets the recurrent
+ * part added; out (T, B, H) = tanh(pre) (relu = 0) or relu(pre) (relu = 1); w_t = w_hh
+ * transposed (H, H), with its packed copy; h0 (B, H). */
+static void NAME(rnn_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N, int64_t H, int64_t relu,
+                                    REAL *pre, REAL *out, const REAL *w_t, const REAL *w_t_packed,
+                                    const REAL *h0)
+{
+    const int64_t B = 2 * N, n = p1 - p0;
+    for (int64_t t = 0; t < T; ++t) {
+        REAL *pt = pre + t * B * H, *ht = out + t * B * H;
+        const REAL *h_prev = t ? out + (t - 1) * B * H : h0;
+        NAME(add_product)(p0, n, N, H, H, h_prev, H, w_t, w_t_packed, pt, H);
+        for (int64_t r = 0; r < 2 * n; ++r) {
+            const int64_t b = NAME(row)(r, p0, n, N);
+            REAL *hb = ht + b * H;
+            memcpy(hb, pt + b * H, (size_t)H * sizeof(REAL));
+            if (relu) {
+                for (int64_t j = 0; j < H; ++j)
+                    hb[j] = hb[j] > 0 ? hb[j] : 0;
+            } else {
+                APPLY(NAME(tanh), hb, H);
+            }
+        }
+    }
+}
+
 /* LSTMRule.coefficients and step_factors for a chunk of tau steps (this function: its pair-steps
  * i0..i1-1, i = t N + p; they are independent): z (tau, B, 4H) its pre-activations (g's
  * doubled), c (tau, B, H) its cell states, c_first (B, H) the state before its first step;
@@ -598,6 +664,21 @@ void NAME(lstm_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, REAL *
 {
     OVER_PAIRS(threads, N,
                NAME(lstm_forward_pairs)(p0, p1, T, N, H, z, c, out, w_t, w_t_packed, h0, c0, gates));
+}
+
+void NAME(gru_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, REAL *gx, REAL *hn, REAL *out,
+                       const REAL *w_rz_t, const REAL *w_rz_packed, const REAL *w_n_t, const REAL *w_n_packed,
+                       const REAL *b_hn, const REAL *h0, REAL *gates)
+{
+    OVER_PAIRS(threads, N,
+               NAME(gru_forward_pairs)(p0, p1, T, N, H, gx, hn, out, w_rz_t, w_rz_packed, w_n_t, w_n_packed,
+                                       b_hn, h0, gates));
+}
+
+void NAME(rnn_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, int64_t relu, REAL *pre, REAL *out,
+                       const REAL *w_t, const REAL *w_t_packed, const REAL *h0)
+{
+    OVER_PAIRS(threads, N, NAME(rnn_forward_pairs)(p0, p1, T, N, H, relu, pre, out, w_t, w_t_packed, h0));
 }
 
 void NAME(lstm_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *z, const REAL *c,

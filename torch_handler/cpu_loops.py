@@ -4,15 +4,13 @@ Why: a step of the eager loops (:mod:`torch_handler.function`) is a handful of t
 few hundred numbers each at small batches, and their dispatch, not their arithmetic, sets the
 time (BLAS's path for two-row products is slow too): the LSTM's eager forward+backward took
 3-4x native autograd's (oneDNN's fused RNN) at 2 rows. ``cpu_kernels.c`` holds compiled twins
-of the rules' code, each running a whole layer or a whole backward chunk in one call: every
-cell type's chunk ``coefficients`` (+ ``step_factors``; one pass instead of some twenty torch
-kernels over the chunk) and ``step_backward`` loop, and the LSTM's forward ``step`` loop.
+of the rules' code for every cell type, each running a whole layer or a whole backward chunk
+in one call: the forward ``step`` loop, the chunk's ``coefficients`` (+ ``step_factors``; one
+pass instead of some twenty torch kernels over the chunk) and the ``step_backward`` loop.
 OpenMP threads (torch's own, see ``_OPTIONAL_FLAGS``) take blocks of
 pairs; a row's arithmetic in them does not depend on the other rows of its batch, so engines
 that batch the same pairs differently differ only where BLAS does (the input projections and
-the input multipliers, one BLAS call per layer or chunk in every path). What stays in torch:
-those two products, and the GRU's and RNN's forward loops, which keep pace with native
-without help.
+the input multipliers, one BLAS call per layer or chunk in every path), which stay in torch.
 
 Compilation never blocks an explanation: the first call that could use the kernels starts the
 C compiler in a background thread (about 2 s) and runs the eager loops; calls
@@ -48,8 +46,8 @@ from torch import Tensor
 
 from .fused_loops import ENV
 
-__all__ = ["MAX_ROWS", "MAX_WEIGHT_BYTES", "enabled", "runs", "forward", "step_factors", "backward_chunk",
-           "wait", "load"]
+__all__ = ["MAX_ROWS", "MAX_WEIGHT_BYTES", "enabled", "forward", "step_factors", "backward_chunk", "wait",
+           "load"]
 
 MAX_WEIGHT_BYTES = 1 << 20
 MAX_ROWS = 64
@@ -75,8 +73,8 @@ _LIBRARY: ctypes.CDLL | None = None
 
 
 def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, mask: Tensor | None) -> bool:
-    """Whether the compiled loops serve this layer (see the module docstring; :func:`runs` says
-    which parts of it)."""
+    """Whether the compiled loops serve this layer: its forward loop, and its backward's chunk
+    factors and step loops (see the module docstring)."""
     if device.type != "cpu" or dtype not in _SUFFIX or mask is not None:
         return False
     if rows > MAX_ROWS and weights.w_hh.numel() * weights.w_hh.element_size() > MAX_WEIGHT_BYTES:
@@ -86,14 +84,6 @@ def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, 
     if os.environ.get(ENV, "1") == "0":
         return False
     return _compiled()
-
-
-def runs(rule, part: str) -> bool:
-    """Whether the compiled code has ``part`` ("forward", "factors" or "backward") of this cell
-    type: every cell type's chunk factors and backward loop; the forward loop of the LSTM only
-    (GRU and RNN layers, which keep pace with native autograd without it, run the eager
-    forward)."""
-    return part != "forward" or getattr(rule, "name", None) == "LSTM"
 
 
 def _compiled() -> bool:
@@ -217,6 +207,8 @@ def _declare(library: ctypes.CDLL) -> None:
     grad = [i64] * 4  # with_grad, g_st, g_sb, g_sh
     signatures = {  # each starts with (threads, steps, N, H)
         "lstm_forward": [i64] * 4 + [ptr] * 8,
+        "gru_forward": [i64] * 4 + [ptr] * 10,
+        "rnn_forward": [i64] * 5 + [ptr] * 5,
         "lstm_factors": [i64] * 4 + [ptr] * 5,
         "gru_factors": [i64] * 4 + [ptr] * 7,
         "rnn_factors": [i64] * 5 + [ptr] * 2,
@@ -243,18 +235,38 @@ def _packed(w: Tensor) -> Tensor:
 
 
 def forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
-    """The whole forward loop of one LSTM layer, as the rule's ``step`` would run it: writes
-    ``buffers`` (Z holding the input projection, C, OUT) and returns the final state."""
-    Z, C, OUT = buffers
-    T, B, H = C.shape
-    h0, c0 = (s.contiguous() for s in state0)
-    gates = Z.new_empty(B, 4 * H)
-    kernel = getattr(_LIBRARY, f"lstm_forward_{_SUFFIX[Z.dtype]}")
-    w_t = weights.w_hh_t
+    """The whole forward loop of one layer, as the rule's ``step`` would run it: writes
+    ``buffers`` (holding the input projection in their first, see each rule's
+    ``forward_buffers``) and returns the final state, views of the buffers' last step."""
+    out = buffers[-1]
+    T, B, H = out.shape
+    h0 = state0[0].contiguous()
+    threads = torch.get_num_threads()
+    kernel = getattr(_LIBRARY, f"{_KIND[rule.name]}_forward_{_SUFFIX[out.dtype]}")
+    if rule.name == "LSTM":
+        Z, C, OUT = buffers
+        # Every tensor whose address a kernel gets is held by a name until the kernel returns.
+        w_t, c0, gates = weights.w_hh_t, state0[1].contiguous(), Z.new_empty(B, 4 * H)
+        packed = _packed(w_t)
+        kernel(threads, T, B // 2, H, Z.data_ptr(), C.data_ptr(), OUT.data_ptr(), w_t.data_ptr(), packed.data_ptr(),
+               h0.data_ptr(), c0.data_ptr(), gates.data_ptr())
+        return OUT[-1], C[-1]
+    if rule.name == "GRU":
+        GX, HN, OUT = buffers
+        w_rz, w_n = weights.w_rz_t, weights.w_n_t
+        packed_rz, packed_n = _packed(w_rz), _packed(w_n)
+        b_hn = None if weights.b_hn is None else weights.b_hn.contiguous()
+        gates = GX.new_empty(B, 2 * H)
+        kernel(threads, T, B // 2, H, GX.data_ptr(), HN.data_ptr(), OUT.data_ptr(), w_rz.data_ptr(),
+               packed_rz.data_ptr(), w_n.data_ptr(), packed_n.data_ptr(), None if b_hn is None else b_hn.data_ptr(),
+               h0.data_ptr(), gates.data_ptr())
+        return (OUT[-1],)
+    PRE, OUT = buffers
+    w_t = weights.w_hh.T.contiguous()
     packed = _packed(w_t)
-    kernel(torch.get_num_threads(), T, B // 2, H, Z.data_ptr(), C.data_ptr(), OUT.data_ptr(), w_t.data_ptr(),
-           packed.data_ptr(), h0.data_ptr(), c0.data_ptr(), gates.data_ptr())
-    return OUT[-1], C[-1]
+    kernel(threads, T, B // 2, H, int(rule.nonlinearity == "relu"), PRE.data_ptr(), OUT.data_ptr(), w_t.data_ptr(),
+           packed.data_ptr(), h0.data_ptr())
+    return (OUT[-1],)
 
 
 def step_factors(rule, weights, buffers, state0, t0: int, t1: int) -> tuple[Tensor, ...]:
@@ -297,7 +309,7 @@ def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ..
     g_strides = grad_out.stride() if with_grad else (0, 0, 0)
     factors = tuple(f.contiguous() for f in factors)
     w_hh = weights.w_hh.contiguous()
-    packed = _packed(w_hh)  # kept referenced until the kernels return
+    packed = _packed(w_hh)
     w = (w_hh.data_ptr(), packed.data_ptr())
     kernel = getattr(_LIBRARY, f"{_KIND[rule.name]}_backward_{_SUFFIX[m_h.dtype]}")
     tail = (grad.data_ptr(), with_grad, *g_strides)

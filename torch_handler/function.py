@@ -76,7 +76,7 @@ class RecurrentRuleFunction(torch.autograd.Function):
         fused = fused_loops.enabled(rule, weights, x, mask)
         if fused:
             state = fused_loops.forward(rule, weights, buffers, state0)
-        elif cpu_loops.runs(rule, "forward") and cpu_loops.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
+        elif cpu_loops.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
             state = cpu_loops.forward(rule, weights, buffers, state0)
         else:
             state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
@@ -123,7 +123,7 @@ class RecurrentRuleFunction(torch.autograd.Function):
             compiled = cpu_loops
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
-            if compiled is cpu_loops and cpu_loops.runs(rule, "factors"):
+            if compiled is cpu_loops:
                 coeffs = cpu_loops.step_factors(rule, weights, buffers, state0, t0, t1)
             else:
                 coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
