@@ -39,6 +39,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -276,19 +277,12 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
             x = x.detach()
 
             def grads(model, inputs, fused):
-                previous = os.environ.get(fused_loops.ENV)
-                os.environ[fused_loops.ENV] = "1" if fused else "0"
-                try:
+                with mock.patch.dict(os.environ, {fused_loops.ENV: "1" if fused else "0"}):
                     inputs = inputs.clone().requires_grad_(True)
                     with torch_handler.deeplift_mode(model):
                         out, _ = model(inputs)
                         (grad,) = torch.autograd.grad(out.sum(), inputs)
                     return grad, out.detach().sum((0, 2))
-                finally:
-                    if previous is None:
-                        os.environ.pop(fused_loops.ENV)
-                    else:
-                        os.environ[fused_loops.ENV] = previous
 
             grads(module, x, True)  # starts the fused loops' compilation
             _wait_for_kernels()

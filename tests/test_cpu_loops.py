@@ -159,46 +159,36 @@ MODELS = [
 ]
 
 
-def explain(module, x, compiled: bool):
-    previous = os.environ.get(cpu_loops.ENV)
-    os.environ[cpu_loops.ENV] = "1" if compiled else "0"
-    try:
-        x = x.clone().requires_grad_(True)
-        with torch_handler.deeplift_mode(module):
-            out, _ = module(x)
-            weights = torch.linspace(-1, 1, out.shape[-1], dtype=x.dtype)
-            (grad,) = torch.autograd.grad((out * weights).sum(), x)
-        return grad, (out * weights).sum((0, 2)).detach()
-    finally:
-        if previous is None:
-            os.environ.pop(cpu_loops.ENV)
-        else:
-            os.environ[cpu_loops.ENV] = previous
+def explain(module, x):
+    x = x.clone().requires_grad_(True)
+    with torch_handler.deeplift_mode(module):
+        out, _ = module(x)
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=x.dtype)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    return grad, (out * weights).sum((0, 2)).detach()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cell,kwargs,rows", MODELS, ids=lambda v: str(v))
-def test_explanations_match_the_eager_loops(threads, cell, kwargs, rows, dtype):
+def test_explanations_match_the_eager_loops(threads, monkeypatch, cell, kwargs, rows, dtype):
     torch.manual_seed(rows)
     module = getattr(nn, cell)(5, 24, num_layers=2, **kwargs).to(dtype)
     x = torch.randn(30, rows, 5, dtype=dtype)
     calls = {"forward": 0, "backward_chunk": 0}
-    originals = {name: getattr(cpu_loops, name) for name in calls}
 
-    def counting(name):
+    def counting(name, original):
         def call(*args, **kwargs):
             calls[name] += 1
-            return originals[name](*args, **kwargs)
+            return original(*args, **kwargs)
         return call
 
-    try:
+    monkeypatch.setenv(cpu_loops.ENV, "1")  # the compiled loops
+    with monkeypatch.context() as patch:
         for name in calls:
-            setattr(cpu_loops, name, counting(name))
-        grad, per_row = explain(module, x, compiled=True)
-    finally:
-        for name, original in originals.items():
-            setattr(cpu_loops, name, original)
-    grad_eager, per_row_eager = explain(module, x, compiled=False)
+            patch.setattr(cpu_loops, name, counting(name, getattr(cpu_loops, name)))
+        grad, per_row = explain(module, x)
+    monkeypatch.setenv(cpu_loops.ENV, "0")  # the eager loops
+    grad_eager, per_row_eager = explain(module, x)
     layers = 2 * (2 if kwargs.get("bidirectional") else 1)
     assert calls["backward_chunk"] >= layers  # every layer's backward ran compiled
     assert calls["forward"] == layers
@@ -208,7 +198,7 @@ def test_explanations_match_the_eager_loops(threads, cell, kwargs, rows, dtype):
     assert relative(contributions, per_row[:n] - per_row[n:]) <= bar(dtype)
 
 
-def test_the_loops_serve_only_what_they_compile():
+def test_the_loops_serve_only_what_they_compile(monkeypatch):
     """Everything else takes the eager loop: a GPU tensor, half precision, a packed-sequence
     mask, an LSTM projection, more rows than MAX_ROWS with weights above MAX_WEIGHT_BYTES, the
     opt-out."""
@@ -225,11 +215,8 @@ def test_the_loops_serve_only_what_they_compile():
     assert cpu_loops.enabled(rule, big, cpu_loops.MAX_ROWS + 2, cpu, torch.float32, None) is False
     projected = rule.weights(torch.randn(32, 3), torch.randn(32, 4), None, None, torch.randn(4, 8))
     assert cpu_loops.enabled(rule, projected, 2, cpu, torch.float32, None) is False
-    os.environ[cpu_loops.ENV] = "0"
-    try:
-        assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is False
-    finally:
-        os.environ.pop(cpu_loops.ENV)
+    monkeypatch.setenv(cpu_loops.ENV, "0")
+    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is False
 
 
 CHILD = textwrap.dedent(
