@@ -92,6 +92,14 @@ static inline int64_t NAME(row)(int64_t r, int64_t p0, int64_t n, int64_t N)
     return r < n ? p0 + r : N + p0 + r - n;
 }
 
+/* Loads m (<= VL) numbers from p into a vector, zeros past them. */
+static inline NAME(vec) NAME(load)(const REAL *p, int64_t m)
+{
+    NAME(vec) v = SPLAT(0);
+    memcpy(&v, p, (size_t)m * sizeof(REAL));
+    return v;
+}
+
 /* out[r][0:2VL] += a[r][:K] @ w for R rows, w a packed (K, 2VL) block: one function per R, so
  * that the loops over rows have constant trip counts and the 2R accumulators stay in registers
  * while the k loop streams w (R up to ROW_BLOCK: 8 rows in AVX-512's 32 registers, else 4). */
@@ -224,21 +232,26 @@ static inline NAME(vec) NAME(sigmoid)(NAME(vec) x)
     return 1 / (1 + NAME(exp)(-x));
 }
 
-/* tanh(x) = sign(x) (1 - e^-2|x|) / (1 + e^-2|x|) (within 8 ulp), and its Taylor series where
- * that quotient cancels (|x| < 1/16, terms through x^11: the first omitted one is below 2^-56 |x|). */
-static inline NAME(vec) NAME(tanh)(NAME(vec) x)
+/* tanh(x) by its Taylor series, for |x| < 1/16 (terms through x^11: the first omitted one is
+ * below 2^-56 |x|), where the quotients below cancel. */
+static inline NAME(vec) NAME(tanh_series)(NAME(vec) x)
 {
-    const NAME(vec) ax = SELECT(x < 0, -x, x);
-    const NAME(vec) t = NAME(exp)(-2 * ax);
-    const NAME(vec) q = (1 - t) / (1 + t);
     const NAME(vec) x2 = x * x;
     NAME(vec) p = SPLAT(-(REAL)1382 / 155925);
     p = p * x2 + (REAL)62 / 2835;
     p = p * x2 - (REAL)17 / 315;
     p = p * x2 + (REAL)2 / 15;
     p = p * x2 - (REAL)1 / 3;
-    const NAME(vec) series = x + x * x2 * p;
-    return SELECT(ax < (REAL)0.0625, series, SELECT(x < 0, -q, q));
+    return x + x * x2 * p;
+}
+
+/* tanh(x) = sign(x) (1 - e^-2|x|) / (1 + e^-2|x|) (within 8 ulp), the series below 1/16. */
+static inline NAME(vec) NAME(tanh)(NAME(vec) x)
+{
+    const NAME(vec) ax = SELECT(x < 0, -x, x);
+    const NAME(vec) t = NAME(exp)(-2 * ax);
+    const NAME(vec) q = (1 - t) / (1 + t);
+    return SELECT(ax < (REAL)0.0625, NAME(tanh_series)(x), SELECT(x < 0, -q, q));
 }
 
 /* (1 - e^-d) / d for d >= 0 (1 at d = 0), without cancellation: its Taylor series
@@ -283,27 +296,19 @@ static inline NAME(vec) NAME(rescale_sigmoid)(NAME(operand) a, NAME(operand) r)
     return SELECT(a_hi, a.pos, r.pos) * SELECT(a_hi, r.neg, a.neg) * NAME(one_minus_exp_neg_over)(d);
 }
 
-/* tanh(x) from the operand 2x (its e = e^-2x): (1 - e) / (1 + e), or the Taylor series where that
- * cancels (see NAME(tanh)). */
+/* tanh(x) from the operand 2x (its e = e^-2x): (1 - e) / (1 + e), the series below 1/16. */
 static inline NAME(vec) NAME(tanh_of_double)(NAME(operand) twice)
 {
-    const NAME(vec) x = twice.x * (REAL)0.5, x2 = x * x;
-    NAME(vec) p = SPLAT(-(REAL)1382 / 155925);
-    p = p * x2 + (REAL)62 / 2835;
-    p = p * x2 - (REAL)17 / 315;
-    p = p * x2 + (REAL)2 / 15;
-    p = p * x2 - (REAL)1 / 3;
+    const NAME(vec) x = twice.x * (REAL)0.5;
     const NAME(vec) ax = SELECT(x < 0, -x, x);
-    return SELECT(ax < (REAL)0.0625, x + x * x2 * p, (1 - twice.e) / (1 + twice.e));
+    return SELECT(ax < (REAL)0.0625, NAME(tanh_series)(x), (1 - twice.e) / (1 + twice.e));
 }
 
 /* f(v[0..m)) in place, vector by vector (the tail padded in a vector). */
 #define APPLY(f, v, m)                                                            \
     for (int64_t j_ = 0; j_ < (m); j_ += VL) {                                    \
-        NAME(vec) x_ = {0};                                                       \
         const int64_t k_ = (m) - j_ < VL ? (m) - j_ : VL;                         \
-        memcpy(&x_, (v) + j_, (size_t)k_ * sizeof(REAL));                         \
-        x_ = f(x_);                                                               \
+        const NAME(vec) x_ = f(NAME(load)((v) + j_, k_));                         \
         memcpy((v) + j_, &x_, (size_t)k_ * sizeof(REAL));                         \
     }
 
@@ -425,17 +430,13 @@ static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H
             const int64_t m = H - j < VL ? H - j : VL;
             NAME(vec) R[4], mean[4], v[4];
             for (int k = 0; k < 4; ++k) {  /* the gates i, f, g (u_g), o */
-                v[0] = v[1] = SPLAT(0);
-                memcpy(&v[0], za + k * H + j, (size_t)m * sizeof(REAL));
-                memcpy(&v[1], zr + k * H + j, (size_t)m * sizeof(REAL));
-                const NAME(operand) a = NAME(operand_of)(v[0]), r = NAME(operand_of)(v[1]);
+                const NAME(operand) a = NAME(operand_of)(NAME(load)(za + k * H + j, m));
+                const NAME(operand) r = NAME(operand_of)(NAME(load)(zr + k * H + j, m));
                 R[k] = NAME(rescale_sigmoid)(a, r);
                 mean[k] = (a.pos + r.pos) * (REAL)0.5;
             }
-            for (int k = 0; k < 4; ++k) {
-                v[k] = SPLAT(0);
-                memcpy(&v[k], state[k] + j, (size_t)m * sizeof(REAL));
-            }
+            for (int k = 0; k < 4; ++k)
+                v[k] = NAME(load)(state[k] + j, m);
             const NAME(operand) c2_a = NAME(operand_of)(2 * v[0]), c2_r = NAME(operand_of)(2 * v[1]);
             const NAME(vec) mean_g = mean[2] * 2 - 1;
             NAME(vec) out_c[5], out_p[5];
@@ -454,14 +455,6 @@ static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H
             }
         }
     }
-}
-
-/* Loads m (<= VL) numbers from p into a vector, zeros past them. */
-static inline NAME(vec) NAME(load)(const REAL *p, int64_t m)
-{
-    NAME(vec) v = SPLAT(0);
-    memcpy(&v, p, (size_t)m * sizeof(REAL));
-    return v;
 }
 
 /* GRURule.coefficients for a chunk (this function: its pair-steps i0..i1-1, i = t N + p): gx
