@@ -5,7 +5,8 @@
 vmapped over pairs and halves). The two share nothing but the op-rule contract; this file
 only converts arrays.
 
-Grid: every op (several parameter settings for some) x 2 shapes x 2 dtypes (float64,
+Grid: every case of the op table ``reference_jax.ops.OP_SPECS`` (several parameter settings
+for some ops; the cases are declared once, beside each op's twin) x its 2 shapes x 2 dtypes (float64,
 float32) x 5 scenarios x 2 draws, each case ``N_PAIRS`` pairs. Scenarios: dense references;
 tiny deltas (relative 1e-13 to 1e-5); actual == reference on about half the elements; large
 magnitudes; the first operand broadcast (drawn with a size-1 axis and ``expand``-ed, as the
@@ -41,94 +42,20 @@ LARGE = 10.0  # the "large" scenario's scale (positive operands: 5x this)
 DTYPES = (torch.float64, torch.float32)
 
 
-class Operand(NamedTuple):
-    shape: tuple[int, ...]  # per pair
-    domain: str = "real"  # real | positive | away_from_zero | wide | exponent
+Operand = oracle_ops.Operand
 
 
 class Config(NamedTuple):
+    """One case of the op table (``reference_jax.ops.OP_SPECS``), drawn at each of its shapes."""
+
     id: str
     op: str
     shapes: tuple[tuple[Operand, ...], ...]  # one operand tuple per tested shape
     params: dict  # static params, and arrays (numpy, float64 or bool) shared by all pairs
 
 
-def _elementwise(id, op, domains, **params):
-    shapes = ((4,), (3, 5))
-    return Config(id, op, tuple(tuple(Operand(s, d) for d in domains) for s in shapes), params)
-
-
-def _shaped(id, op, *shapes, **params):
-    return Config(id, op, tuple(tuple(Operand(*o) if isinstance(o[0], tuple) else Operand(o) for o in s)
-                                for s in shapes), params)
-
-
-
-_RNG = np.random.default_rng(12345)
-CONFIGS = [
-    _elementwise("relu", "relu", ["wide"]),
-    _elementwise("leaky_relu", "leaky_relu", ["wide"], negative_slope=0.1),
-    _elementwise("relu6", "relu6", ["wide"]),
-    _elementwise("elu", "elu", ["wide"], alpha=1.3),
-    _elementwise("gelu", "gelu", ["wide"]),
-    _elementwise("gelu_tanh", "gelu", ["wide"], approximate="tanh"),
-    _elementwise("silu", "silu", ["wide"]),
-    _elementwise("softplus", "softplus", ["wide"]),
-    _elementwise("softplus_beta2_t3", "softplus", ["wide"], beta=2.0, threshold=3.0),
-    _elementwise("sigmoid", "sigmoid", ["wide"]),
-    _elementwise("tanh", "tanh", ["wide"]),
-    _elementwise("exp", "exp", ["real"]),
-    _elementwise("log", "log", ["positive"]),
-    _elementwise("sqrt", "sqrt", ["positive"]),
-    _elementwise("rsqrt", "rsqrt", ["positive"]),
-    _elementwise("reciprocal", "reciprocal", ["away_from_zero"]),
-    _elementwise("square", "square", ["wide"]),
-    _elementwise("clamp", "clamp", ["real"], min=-0.5, max=0.8),
-    _elementwise("clamp_max", "clamp", ["real"], max=0.3),
-    _elementwise("pow_scalar_2.5", "pow_scalar", ["positive"], exponent=2.5),
-    _elementwise("pow_scalar_3", "pow_scalar", ["real"], exponent=3.0),
-    _elementwise("pow_scalar_-0.5", "pow_scalar", ["positive"], exponent=-0.5),
-    _elementwise("mul", "mul", ["real", "real"]),
-    _elementwise("div", "div", ["real", "away_from_zero"]),
-    _elementwise("maximum", "maximum", ["real", "real"]),
-    _elementwise("minimum", "minimum", ["real", "real"]),
-    _elementwise("pow", "pow", ["positive", "exponent"]),
-    _elementwise("atan2", "atan2", ["real", "real"]),
-    _shaped("matmul", "matmul", [(2, 3, 4), (4, 5)], [(3, 4), (2, 4, 2)]),
-    _shaped("bmm", "bmm", [(2, 3, 4), (2, 4, 5)], [(1, 2, 6), (1, 6, 3)]),
-    _shaped("mm", "mm", [(3, 4), (4, 5)], [(1, 6), (6, 2)]),
-    _shaped("einsum", "einsum", [(3, 4), (5, 4)], [(2, 4), (6, 4)], equation="tk,sk->ts"),
-    _shaped("baddbmm", "baddbmm", [(2, 3, 5), (2, 3, 4), (2, 4, 5)], [(1, 3, 2), (2, 3, 4), (2, 4, 2)],
-            beta=0.5, alpha=2.0),
-    _shaped("linear", "linear", [(3, 4), (5, 4), (5,)], [(2, 3, 4), (2, 4), (2,)]),
-    _shaped("linear_no_bias", "linear", [(3, 4), (5, 4)], [(6,), (2, 6)]),
-    _shaped("softmax", "softmax", [((3, 5), "wide")], [((4, 2, 3), "wide")], dim=-1),
-    _shaped("softmax_dim-2", "softmax", [(3, 5)], [(4, 2, 3)], dim=-2),
-    _shaped("log_softmax", "log_softmax", [((3, 5), "wide")], [((4, 2, 3), "wide")], dim=-1),
-    _shaped("logsumexp", "logsumexp", [((3, 5), "wide")], [(4, 2, 3)], dim=-1),
-    _shaped("logsumexp_keepdim", "logsumexp", [(3, 5)], [(4, 2, 3)], dim=-2, keepdim=True),
-    _shaped("layer_norm", "layer_norm", [(3, 6)], [(2, 3, 6)], normalized_shape=(6,),
-            weight=_RNG.uniform(0.5, 2.0, 6), bias=_RNG.standard_normal(6), eps=1e-5),
-    _shaped("layer_norm_plain", "layer_norm", [(3, 2, 4)], [(5, 2, 4)], normalized_shape=(2, 4)),
-    _shaped("rms_norm", "rms_norm", [(3, 6)], [(2, 3, 6)], normalized_shape=(6,),
-            weight=_RNG.uniform(-1.0, 2.0, 6), eps=1e-6),
-    _shaped("vector_norm", "vector_norm", [(3, 5)], [(4, 2, 3)], dim=-1),
-    _shaped("vector_norm_all", "vector_norm", [(3, 5)], [(4, 2, 3)], dim=None, keepdim=False),
-    _shaped("glu", "glu", [(3, 6)], [(4, 2, 2)], dim=-1),
-    _shaped("glu_dim-2", "glu", [(4, 3)], [(2, 6, 2)], dim=-2),
-    _shaped("amax", "amax", [(3, 5)], [(4, 2, 3)], dim=-1),
-    _shaped("amax_keepdim", "amax", [(3, 5)], [(4, 2, 3)], dim=-2, keepdim=True),
-    _shaped("sdpa", "scaled_dot_product_attention", [(2, 3, 4), (2, 5, 4), (2, 5, 6)],
-            [(4, 4), (4, 4), (4, 3)]),
-    _shaped("sdpa_causal", "scaled_dot_product_attention", [(2, 4, 3), (2, 4, 3), (2, 4, 2)],
-            [(5, 2), (5, 2), (5, 4)], is_causal=True, scale=0.7),
-    _shaped("sdpa_bool_mask", "scaled_dot_product_attention", [(3, 4), (5, 4), (5, 2)],
-            [(3, 4), (5, 4), (5, 2)], attn_mask=np.array([[True, False, True, True, False],
-                                                          [True, True, False, True, True],
-                                                          [False, False, True, False, False]])),
-    _shaped("sdpa_float_mask", "scaled_dot_product_attention", [(2, 3, 4), (2, 3, 4), (2, 3, 2)],
-            [(2, 3, 4), (2, 3, 4), (2, 3, 2)], attn_mask=_RNG.standard_normal((3, 3))),
-]
+CONFIGS = [Config(case.id, name, case.shapes, case.params) for name, spec in oracle_ops.OP_SPECS.items()
+           for case in spec.cases]
 CASES_PER_RUN = sum(len(c.shapes) for c in CONFIGS) * len(DTYPES) * len(SCENARIOS) * DRAWS
 
 

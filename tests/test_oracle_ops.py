@@ -26,60 +26,17 @@ N_PAIRS = 8
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-class Operand(NamedTuple):
-    """How to draw one operand: per-pair shape and value domain."""
-
-    shape: tuple[int, ...]
-    domain: str = "real"  # real | positive | away_from_zero | wide
-
-
 class Config(NamedTuple):
+    """One case of the op table, at the shape these tests draw (the case's last)."""
+
     op: str
-    operands: tuple[Operand, ...]
+    operands: tuple[ops.Operand, ...]
     params: dict
     id: str
 
 
-def _cfg(op, operands, id=None, **params):
-    return Config(op, tuple(operands), params, id or op)
-
-
-S = (3, 4)
-R = Operand(S)
-P = Operand(S, "positive")
-W = Operand(S, "wide")
 CONFIGS = [
-    _cfg("relu", [W]), _cfg("leaky_relu", [W], negative_slope=0.2), _cfg("relu6", [Operand(S, "wide")]),
-    _cfg("elu", [W], alpha=1.5), _cfg("gelu", [W]), _cfg("gelu", [W], "gelu_tanh", approximate="tanh"),
-    _cfg("silu", [W]), _cfg("softplus", [W], beta=2.0, threshold=5.0), _cfg("sigmoid", [W]),
-    _cfg("tanh", [W]), _cfg("exp", [R]), _cfg("log", [P]), _cfg("sqrt", [P]), _cfg("rsqrt", [P]),
-    _cfg("reciprocal", [Operand(S, "away_from_zero")]), _cfg("square", [W]),
-    _cfg("clamp", [R], min=-0.5, max=0.8), _cfg("clamp", [R], "clamp_min", min=0.1),
-    _cfg("pow_scalar", [P], "pow_2.5", exponent=2.5), _cfg("pow_scalar", [R], "pow_3", exponent=3.0),
-    _cfg("pow_scalar", [Operand(S, "away_from_zero")], "pow_-2", exponent=-2.0),
-    _cfg("mul", [R, R]), _cfg("div", [R, Operand(S, "away_from_zero")]), _cfg("maximum", [R, R]),
-    _cfg("minimum", [R, R]), _cfg("pow", [P, R]), _cfg("atan2", [R, R]),
-    _cfg("matmul", [Operand((2, 3, 4)), Operand((4, 5))]),
-    _cfg("bmm", [Operand((2, 3, 4)), Operand((2, 4, 5))]),
-    _cfg("mm", [Operand((3, 4)), Operand((4, 5))]),
-    _cfg("einsum", [Operand((3, 4)), Operand((5, 4))], equation="tk,sk->ts"),
-    _cfg("baddbmm", [Operand((1, 3, 5)), Operand((2, 3, 4)), Operand((2, 4, 5))], beta=0.5, alpha=2.0),
-    _cfg("linear", [Operand((3, 4)), Operand((5, 4)), Operand((5,))]),
-    _cfg("linear", [Operand((3, 4)), Operand((5, 4))], "linear_no_bias"),
-    _cfg("softmax", [W], dim=-1), _cfg("softmax", [R], "softmax_dim-2", dim=-2),
-    _cfg("log_softmax", [W], dim=-1), _cfg("logsumexp", [W], dim=-1),
-    _cfg("logsumexp", [R], "logsumexp_keepdim", dim=-2, keepdim=True),
-    _cfg("layer_norm", [R], normalized_shape=(4,), weight=np.linspace(0.5, 2.0, 4), bias=np.arange(4.0), eps=1e-5),
-    _cfg("layer_norm", [R], "layer_norm_2d", normalized_shape=(3, 4)),
-    _cfg("rms_norm", [R], normalized_shape=(4,), weight=np.linspace(-1.0, 2.0, 4), eps=1e-6),
-    _cfg("vector_norm", [R], dim=-1), _cfg("vector_norm", [R], "vector_norm_all_keepdim", dim=(-2, -1), keepdim=True),
-    _cfg("glu", [Operand((3, 6))], dim=-1), _cfg("glu", [Operand((4, 3))], "glu_dim-2", dim=-2),
-    _cfg("amax", [R], dim=-1), _cfg("amax", [R], "amax_keepdim", dim=-2, keepdim=True),
-    _cfg("scaled_dot_product_attention", [Operand((2, 3, 4)), Operand((2, 5, 4)), Operand((2, 5, 6))], "sdpa"),
-    _cfg("scaled_dot_product_attention", [Operand((2, 4, 4)), Operand((2, 4, 4)), Operand((2, 4, 3))],
-         "sdpa_causal", is_causal=True, scale=0.7),
-    _cfg("scaled_dot_product_attention", [Operand((3, 4)), Operand((5, 4)), Operand((5, 2))], "sdpa_bool_mask",
-         attn_mask=np.array([[True, False, True, True, False]] * 3)),
+    Config(name, case.shapes[-1], case.params, case.id) for name, spec in ops.OP_SPECS.items() for case in spec.cases
 ]
 CONFIG_IDS = [c.id for c in CONFIGS]
 
@@ -91,7 +48,7 @@ def test_every_op_is_configured():
 # --------------------------------------------------------------------------- data
 
 
-def _draw(rng, operand: Operand, n: int) -> np.ndarray:
+def _draw(rng, operand: ops.Operand, n: int) -> np.ndarray:
     shape = (n, *operand.shape)
     if operand.domain == "positive":
         return rng.uniform(0.2, 4.0, shape)
@@ -102,7 +59,7 @@ def _draw(rng, operand: Operand, n: int) -> np.ndarray:
     return rng.standard_normal(shape)
 
 
-def _reference(rng, operand: Operand, actual: np.ndarray, scenario: str) -> np.ndarray:
+def _reference(rng, operand: ops.Operand, actual: np.ndarray, scenario: str) -> np.ndarray:
     """References by scenario: dense, tiny deltas, or equal on about half the elements."""
     if scenario == "tiny":
         scale = rng.choice([1e-13, 1e-9, 1e-6, 1e-4], actual.shape)
@@ -209,7 +166,7 @@ def test_multiplier_at_equal_inputs_is_the_vjp(config):
         assert (error <= 1e-12 * scale).all(), (k, error.max(), scale.max())
 
 
-BINARY = ("mul", "div", "maximum", "minimum", "pow", "atan2")
+BINARY = tuple(ops.BINARY)
 
 
 @pytest.mark.parametrize("op", BINARY)
@@ -395,68 +352,14 @@ def test_amax_routes_half_of_the_change_through_each_argmax():
 
 class _Unary(NamedTuple):
     op: str
-    params: dict
-    mids: tuple[float, ...]
+    check: ops.MpCheck
 
 
-UNARY_GRID = [
-    _Unary("relu", {}, (-3.0, 0.0, 1e-7, 2.0)),
-    _Unary("leaky_relu", {"negative_slope": 0.1}, (-3.0, 0.0, 2.0)),
-    _Unary("relu6", {}, (-1.0, 0.0, 3.0, 6.0, 8.0)),
-    _Unary("elu", {"alpha": 1.3}, (-30.0, -2.0, 0.0, 1.5)),
-    _Unary("gelu", {}, (-9.0, -2.5, -0.7, 0.0, 0.4, 3.0, 12.0)),
-    _Unary("gelu", {"approximate": "tanh"}, (-6.0, -0.7, 0.0, 0.4, 3.0)),
-    _Unary("silu", {}, (-40.0, -3.0, 0.0, 0.5, 30.0)),
-    _Unary("softplus", {"beta": 1.5, "threshold": 20.0}, (-40.0, -2.0, 0.0, 3.0, 12.0)),
-    _Unary("sigmoid", {}, (-30.0, -1.0, 0.0, 2.0)),
-    _Unary("tanh", {}, (-19.0, -0.5, 0.0, 1.0)),
-    _Unary("exp", {}, (-50.0, -1.0, 0.0, 3.0, 40.0)),
-    _Unary("log", {}, (1e-3, 0.5, 1.0, 7.0, 1e6)),
-    _Unary("sqrt", {}, (1e-3, 1.0, 50.0)),
-    _Unary("rsqrt", {}, (1e-3, 1.0, 50.0)),
-    _Unary("reciprocal", {}, (-5.0, -0.1, 0.2, 3.0)),
-    _Unary("square", {}, (-5.0, 0.0, 3.0)),
-    _Unary("clamp", {"min": -1.0, "max": 2.0}, (-3.0, -1.0, 0.5, 2.0, 4.0)),
-    _Unary("pow_scalar", {"exponent": 0.3}, (0.01, 1.0, 9.0, 1e3)),
-    _Unary("pow_scalar", {"exponent": 3.0}, (-7.0, -0.2, 0.5, 10.0)),
-    _Unary("pow_scalar", {"exponent": -1.5}, (0.05, 1.0, 30.0)),
-    _Unary("pow_scalar", {"exponent": -2.0}, (-4.0, -0.5, 0.5, 4.0)),
-]
+UNARY_GRID = [_Unary(name, check) for name, spec in ops.OP_SPECS.items() for check in spec.mp_checks]
 DELTAS = (1e-13, 1e-9, 1e-6, 1.7e-5, 1.8e-5, 1e-3, 0.3, 2.5)
 
 
-def _mp_function(op, params):
-    import mpmath as mp
-
-    if op == "relu":
-        return lambda x: max(x, 0)
-    if op == "leaky_relu":
-        return lambda x: x if x > 0 else params["negative_slope"] * x
-    if op == "relu6":
-        return lambda x: min(max(x, 0), 6)
-    if op == "elu":
-        return lambda x: x if x > 0 else params["alpha"] * mp.expm1(x)
-    if op == "gelu" and params.get("approximate") == "tanh":
-        k = mp.sqrt(2 / mp.pi)
-        return lambda x: x / 2 * (1 + mp.tanh(k * (x + mp.mpf("0.044715") * x**3)))
-    if op == "gelu":
-        return lambda x: x / 2 * (1 + mp.erf(x / mp.sqrt(2)))
-    if op == "silu":
-        return lambda x: x / (1 + mp.exp(-x))
-    if op == "softplus":
-        beta, threshold = params["beta"], params["threshold"]
-        return lambda x: x if beta * x > threshold else mp.log1p(mp.exp(beta * x)) / beta
-    if op == "sigmoid":
-        return lambda x: 1 / (1 + mp.exp(-x))
-    if op == "clamp":
-        return lambda x: min(max(x, params["min"]), params["max"])
-    if op == "pow_scalar":
-        return lambda x: mp.power(x, params["exponent"])
-    return {"tanh": mp.tanh, "exp": mp.exp, "log": mp.log, "sqrt": mp.sqrt, "rsqrt": lambda x: 1 / mp.sqrt(x),
-            "reciprocal": lambda x: 1 / x, "square": lambda x: x * x}[op]
-
-
-@pytest.mark.parametrize("case", UNARY_GRID, ids=lambda c: c.op + "".join(f"_{v}" for v in c.params.values()))
+@pytest.mark.parametrize("case", UNARY_GRID, ids=lambda c: c.op + "".join(f"_{v}" for v in c.check.params.values()))
 def test_unary_factor_matches_a_60_digit_quotient(case):
     """R(a, r) against (f(a) − f(r))/(a − r) in 60 digits of the same float inputs, from
     Δ = 1e-13 (where a float quotient keeps no digit) to Δ = 2.5, both signs. Bound: 1e-12
@@ -464,16 +367,15 @@ def test_unary_factor_matches_a_60_digit_quotient(case):
     import mpmath as mp
 
     mp.mp.dps = 60
-    mids, deltas = np.meshgrid(np.array(case.mids), np.array(DELTAS + tuple(-d for d in DELTAS)))
-    scale_mid = np.maximum(1.0, np.abs(mids)) if case.op not in ("log", "sqrt", "rsqrt", "pow_scalar") else np.abs(mids)
+    check = case.check
+    mids, deltas = np.meshgrid(np.array(check.mids), np.array(DELTAS + tuple(-d for d in DELTAS)))
+    scale_mid = np.abs(mids) if check.relative else np.maximum(1.0, np.abs(mids))
     a = (mids + deltas * scale_mid / 2).ravel()
     r = (mids - deltas * scale_mid / 2).ravel()
-    positive_only = case.op in ("log", "sqrt", "rsqrt") or (
-        case.op == "pow_scalar" and case.params["exponent"] % 1 != 0)
-    keep = (a != r) & ((np.minimum(a, r) > 0) | (not positive_only))
+    keep = (a != r) & ((np.minimum(a, r) > 0) | (not check.positive))
     a, r = a[keep], r[keep]
-    got = np.asarray(ops.unary_rescale_factor(case.op, jnp.asarray(a), jnp.asarray(r), **case.params))
-    f = _mp_function(case.op, case.params)
+    got = np.asarray(ops.unary_rescale_factor(case.op, jnp.asarray(a), jnp.asarray(r), **check.params))
+    f = ops.OP_SPECS[case.op].mp_function(mp, check.params)
     want = np.array([float((f(mp.mpf(x)) - f(mp.mpf(y))) / (mp.mpf(x) - mp.mpf(y))) for x, y in zip(a, r, strict=True)])
     bound = 1e-12 * np.abs(want) + 1e-15 * np.abs(want).max()
     bad = np.abs(got - want) > bound
