@@ -22,7 +22,8 @@ Modules, one per concept:
 * :mod:`reference_jax.sequence` — whole stacks (layers, directions, projection) by scan,
   with the same tuple convention (``state0 = (h0, c0)`` or ``(h0,)``).
 * :mod:`reference_jax.ops`      — the op rules (activations, products, matmul / einsum,
-  softmax, norms, attention, ...): ``OP_RULES``, ``batched_op_multipliers``.
+  softmax, norms, attention, ...): ``OP_RULES``, ``batched_op_multipliers``; a folder with
+  one module per family and the table (``ops/table.py``) that declares each op once.
 * :mod:`reference_jax.shapley`  — brute-force Shapley values (≤ 16 players).
 
 Numerical notes (details in :func:`reference_jax.rescale.rescale_threshold`):
