@@ -255,8 +255,9 @@ def _kill(process: subprocess.Popen | None) -> None:
     """SIGKILL the compiler's whole process group (it runs in a session of its own)."""
     if process is None or process.poll() is not None:
         return
-    with contextlib.suppress(OSError):
-        os.killpg(process.pid, signal.SIGKILL)
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         process.kill()
 
@@ -528,14 +529,16 @@ def _at_exit(build: _Build) -> None:
     compiler's process group and remove private folders: nothing outlives the process."""
     if build.pid != os.getpid():
         return  # a forked child: the build is its parent's
-    if not build.done.is_set():
-        build.done.wait(max(0.0, min(EXIT_WAIT, build.deadline - time.monotonic())))
-    if not build.done.is_set():
-        build.stopping = True
-        _kill(build.process)
-        build.done.wait(5)
-    for private in build.private:
-        shutil.rmtree(private, ignore_errors=True)
+    try:
+        if not build.done.is_set():
+            build.done.wait(max(0.0, min(EXIT_WAIT, build.deadline - time.monotonic())))
+    finally:  # a Ctrl-C during the wait ends it, not the cleanup
+        if not build.done.is_set():
+            build.stopping = True
+            _kill(build.process)
+            build.done.wait(5)
+        for private in build.private:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _forget_unfinished_build() -> None:
