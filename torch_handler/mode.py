@@ -245,6 +245,15 @@ def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None
         )
 
 
+def check_torchscript(model: nn.Module) -> None:
+    """Refuse ``model`` if it is, or holds, a TorchScript module running a recurrent op (see
+    :func:`_check_script_module`). For integrations that otherwise hand a model without
+    visible recurrent modules to the engine unchanged (``register()``'s shap path)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            _check_script_module(name, module, model)
+
+
 def _check_model(model: nn.Module, names: Mapping[nn.Module, str]) -> None:
     """Raise UnsupportedConfigurationError for anything the explanation cannot serve exactly,
     before anything is changed."""
