@@ -222,6 +222,15 @@ def _scripted_recurrent_ops(module: torch.jit.ScriptModule) -> list[str]:
     return sorted(found)
 
 
+def _scripted_recurrent_classes(module: torch.jit.ScriptModule) -> list[str]:
+    """``nn.<Class>`` for each module inside a TorchScript module (itself included) that was a
+    supported recurrent module before scripting or tracing (TorchScript keeps the class name
+    as ``original_name``). Needed beside the graph's ops: tracing an nn.LSTMCell / GRUCell /
+    RNNCell records its equations as elementary ops (linear, sigmoid, tanh, mul), no cell op."""
+    names = {cls.__name__ for cls in SUPPORTED_MODULES}
+    return sorted({f"nn.{m.original_name}" for m in module.modules() if getattr(m, "original_name", None) in names})
+
+
 def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None:
     """TorchScript submodules (torch.jit.trace / torch.jit.script) hide their modules: the
     recurrent ones inside cannot run the rule and would get plain gradients. Refused when
@@ -229,7 +238,7 @@ def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None
     operations are handled, or not, by the engine exactly like any other module's)."""
     label = _label(name, module, model)
     try:
-        ops = _scripted_recurrent_ops(module)
+        ops = _scripted_recurrent_ops(module) + _scripted_recurrent_classes(module)
     except Exception as error:  # no forward graph to read: we cannot know what it computes
         raise UnsupportedConfigurationError(
             f"{label} is a TorchScript module whose graph cannot be inspected ({error}); it may "
