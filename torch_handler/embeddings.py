@@ -22,9 +22,14 @@ the ids are recovered exactly; a row that is not one raises ValueError.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .errors import UnsupportedOpError, UnsupportedOpWarning
+from .mode import current_explanation
 
 __all__ = ["FromEmbeddings", "from_embeddings", "token_ids"]
 
@@ -102,15 +107,51 @@ class FromEmbeddings(nn.Module):
 
         handle = self.embedding.register_forward_hook(replace)
         try:
+            if _explaining(tokens):
+                # Before the forward the engine differentiates: engines' forward hooks save
+                # values on modules (shap's module.x / module.y), which that forward must set last.
+                self._check_tokens_agree(tokens)
+                calls.clear()
             output = self.model(tokens)
+            if len(calls) != 1:
+                raise ValueError(
+                    f"the embedding layer ran {len(calls)} times in one forward of the model; "
+                    "from_embeddings needs it to run exactly once, on the model's input."
+                )
         finally:
             handle.remove()
-        if len(calls) != 1:
-            raise ValueError(
-                f"the embedding layer ran {len(calls)} times in one forward of the model; "
-                "from_embeddings needs it to run exactly once, on the model's input."
-            )
         return output
+
+    def _check_tokens_agree(self, tokens: Tensor) -> None:
+        """On a doubled batch, the ids are recovered outside the engine's view: what the model
+        computes from them besides the embedding (a padding mask, lengths) is a constant to the
+        rules, exact only if it is the same for each input and its reference. Checked by two
+        forwards (no gradients: torch's own layers, compared with each other bit for bit), the
+        second with the references' ids replaced by their inputs': the output must not change.
+        Otherwise UnsupportedOpWarning (UnsupportedOpError when strict)."""
+        n = len(tokens) // 2
+        with torch.no_grad():
+            same = torch.equal(self.model(tokens), self.model(torch.cat([tokens[:n], tokens[:n]])))
+        if same:
+            return
+        message = (
+            f"{type(self.model).__name__} uses the token ids besides the embedding layer (e.g. a "
+            "padding mask or lengths computed from them), and what it computes from them differs "
+            "between inputs and references: from_embeddings' attributions would not sum to "
+            "f(x) − E f. Give each input references padded like it "
+            "(torch_handler.padded_references on the token ids), or explain the token ids with "
+            "Captum's LayerDeepLift (docs/token-ids.md)."
+        )
+        explanation = current_explanation()
+        if explanation is not None and explanation.options.get("strict"):
+            raise UnsupportedOpError(message)
+        warnings.warn(message, UnsupportedOpWarning, stacklevel=3)
+
+
+def _explaining(tokens: Tensor) -> bool:
+    """Whether this forward runs an engine's doubled batch (inside an explanation, with
+    gradients: the forward the attributions come from)."""
+    return current_explanation() is not None and torch.is_grad_enabled() and len(tokens) % 2 == 0 and len(tokens) > 0
 
 
 def from_embeddings(model: nn.Module, embedding: nn.Embedding) -> FromEmbeddings:
