@@ -341,9 +341,11 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
     Raises UnsupportedConfigurationError, before changing anything, for a configuration the
     rule does not cover: a recurrent module overriding forward (by subclass or on the
     instance), half precision, dropout active in training mode, a module computing batch
-    statistics (BatchNorm in training mode), a TorchScript submodule running a recurrent op.
-    While explaining, a recurrent module whose values or multipliers become NaN / Inf raises
-    NonFiniteError naming it. Warns if the model has no recurrent module. Yields the model.
+    statistics (BatchNorm in training mode), a TorchScript submodule running a recurrent op
+    or holding a traced recurrent module. While explaining, a recurrent module whose values
+    (pre-activations, input projection included), states or multipliers become NaN / Inf
+    raises NonFiniteError naming it, and one given an empty batch raises DoubledBatchError
+    (a ValueError) saying so. Warns if the model has no recurrent module. Yields the model.
 
     If the body raises, the model also loses whatever hooks, attributes and flags the engine
     had added to it before failing (see :class:`ModelSnapshot`).
