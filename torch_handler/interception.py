@@ -146,8 +146,9 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         plan = ctx.plan
+        # The plan stays on ctx: shap differentiates once per model input over a retained graph,
+        # and every pass needs it (it goes with the graph, as autograd's saved tensors do).
         multipliers = apply_rule(plan, grad)
-        ctx.plan = None
         return (None, *(m for m, a in zip(multipliers, plan.axes, strict=True) if a is not None))
 
 
