@@ -563,7 +563,9 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         if not outs:
             return out
         inputs = list(_tensors(args, kwargs))
-        constants = [t for t in inputs if t in self.constants]
+        # (A tensor made without a gradient can gain one later: a custom autograd Function's
+        # forward runs without grad and its outputs get one. It is then no constant.)
+        constants = [t for t in inputs if not t.requires_grad and t in self.constants]
         where = None
         for o in outs:
             if self.axes[o] is UNKNOWN and o not in self.lost:
@@ -577,7 +579,8 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     self.constants[o] = self.constants[constants[0]]
                 else:
                     where = where or _caller()
-                    self.constants[o] = (name, where)
+                    # x != 0 arrives as __ne__, x > 0 as gt: name both as torch does (ne, gt)
+                    self.constants[o] = (name[2:-2] if name.startswith("__") else name, where)
         if constants and any(o.requires_grad for o in outs):
             for c in constants:
                 if self.differs(c):
@@ -603,7 +606,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         which is a constant for the rule."""
         if self.axis_of(t) is None:
             return False
-        return t not in self.constants or self.differs(t)
+        return t.requires_grad or t not in self.constants or self.differs(t)
 
     def lost_note(self, tensors) -> str:
         """Where the batch place of the first of ``tensors`` that lost it was lost, and why."""
@@ -1465,7 +1468,7 @@ def _where(mode, func, name, args, kwargs):
     else:  # masked_fill(x, mask, value)
         condition, operands = args[1], (args[0], args[2])
     # A condition computed in the model is reported by _follow_constants, naming the op that made it.
-    differs = condition not in mode.constants and mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name)
+    differs = (condition.requires_grad or condition not in mode.constants) and mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name)
     out = func(*args, **kwargs)
     if differs:
         mode.report_if_used(
