@@ -1493,8 +1493,22 @@ def _halves_equal(mode, t: Tensor, name: str) -> bool:
     axis = mode.axis_of(t)
     if axis is UNKNOWN:
         return False
-    pairs = to_pairs(t.detach(), axis)
-    return bool(torch.equal(pairs[0], pairs[1]))
+    actual, reference = to_pairs(t.detach(), axis)
+    if not t.is_floating_point() or torch.equal(actual, reference):
+        return bool(torch.equal(actual, reference))
+    # Values computed without a gradient (a recurrent layer's output for an input that is not
+    # attributed, repeated in both halves) can differ in the last bits between the halves:
+    # batched kernels round rows differently. That is the same value for the rule.
+    finite = torch.isfinite(actual) & torch.isfinite(reference)
+    if not torch.equal(actual[~finite], reference[~finite]):
+        return False
+    scale = float(torch.maximum(actual[finite].abs(), reference[finite].abs()).max()) if finite.any() else 0.0
+    return bool(((actual - reference)[finite].abs() <= _ROUNDING_ULPS * torch.finfo(t.dtype).eps * scale).all())
+
+
+# How many units in the last place (of the largest magnitude) two halves of a tensor computed
+# without a gradient may differ by and still count as equal (rows rounded by different kernels).
+_ROUNDING_ULPS = 32
 
 
 def _batch_first_linear(mode, func, name, args, kwargs):
