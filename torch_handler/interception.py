@@ -574,14 +574,14 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     where = where or _caller()
                     lost = (name, where)
                 self.lost[o] = lost
-            if not o.requires_grad and o not in self.constants:
+            if not o.requires_grad and o not in self.constants and o not in self.seeds:
                 if constants:
                     self.constants[o] = self.constants[constants[0]]
                 else:
                     where = where or _caller()
                     # x != 0 arrives as __ne__, x > 0 as gt: name both as torch does (ne, gt)
                     self.constants[o] = (name[2:-2] if name.startswith("__") else name, where)
-        if constants and any(o.requires_grad for o in outs):
+        if constants and name not in _INDEX_CONSUMERS and any(o.requires_grad for o in outs):
             for c in constants:
                 if self.differs(c):
                     origin, origin_where = self.constants[c]
@@ -1442,8 +1442,9 @@ def _cat(mode, func, name, args, kwargs):
         and all(t in mode.seeds for t in tensors)
     ):
         # An engine building the doubled batch cat([inputs, references]) from the model's
-        # arguments (Captum's forward pre-hook).
+        # arguments (Captum's forward pre-hook): the explained input, not a value made from it.
         mode.mark(out, Axis(0, out.shape[0]))
+        mode.seeds[out] = True
         return out
     axes = [mode.axis_of(t) for t in tensors]
     if name == "stack":
@@ -1505,6 +1506,10 @@ def _halves_equal(mode, t: Tensor, name: str) -> bool:
     scale = float(torch.maximum(actual[finite].abs(), reference[finite].abs()).max()) if finite.any() else 0.0
     return bool(((actual - reference)[finite].abs() <= _ROUNDING_ULPS * torch.finfo(t.dtype).eps * scale).all())
 
+
+# Ops whose gradient-free input is token ids: the layer variants of the engines attribute at
+# their output (docs/masks.md), where the ids' difference is carried.
+_INDEX_CONSUMERS = frozenset({"embedding", "embedding_bag"})
 
 # How many units in the last place (of the largest magnitude) two halves of a tensor computed
 # without a gradient may differ by and still count as equal (rows rounded by different kernels).
