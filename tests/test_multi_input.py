@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_handler
-from torch_handler.interception import UnsupportedOpWarning
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -262,8 +261,16 @@ def test_tangermeme_with_the_static_input_as_args_is_exact(name):
         warnings.filterwarnings("ignore", "X must be one-hot")
         warnings.filterwarnings("ignore", "references must be one-hot")
         with torch_handler.deeplift_mode(model, strict=True):
-            m = deep_lift_shap(model, x, args=(z,), references=references, target=TARGET,
-                               raw_outputs=True, device="cpu", only_warn=True)
+            m = deep_lift_shap(
+                model,
+                x,
+                args=(z,),
+                references=references,
+                target=TARGET,
+                raw_outputs=True,
+                device="cpu",
+                only_warn=True,
+            )
     with torch.no_grad():
         delta = (model(x, z) - model(references[:, 0], z))[:, TARGET]
     total = ((x - references[:, 0]) * m[:, 0]).sum(dim=(1, 2))

@@ -85,8 +85,7 @@ def _is_rounding(worst: float, diagnosis: Diagnosis | None) -> bool:
     return rounding is not None and worst <= ROUNDING_FACTOR * rounding
 
 
-def failure_message(engine: str, per_sample, worst: float, tolerance: float, dtype,
-                    diagnosis: Diagnosis | None) -> str:
+def failure_message(engine: str, per_sample, worst: float, tolerance: float, dtype, diagnosis: Diagnosis | None) -> str:
     """The AdditivityError message: the measured errors, then the likely cause and its fix."""
     head = (
         f"{engine}: attributions do not sum to f(x) − E[f(background)]: relative error per "
@@ -148,8 +147,9 @@ def _last_reported() -> dict:
     return last_reported()
 
 
-def check_additivity(attribution_sums, output_deltas, scale, dtype, engine: str,
-                     diagnose: Callable[[], Diagnosis] | None = None) -> float:
+def check_additivity(
+    attribution_sums, output_deltas, scale, dtype, engine: str, diagnose: Callable[[], Diagnosis] | None = None
+) -> float:
     """Raise AdditivityError when any sample misses its Δf by more than the tolerance, or when
     any attribution sum or output is NaN / Inf.
 

@@ -202,7 +202,7 @@ class _Explanation:
 _current: ContextVar[_Explanation | None] = ContextVar("torch_handler_explanation", default=None)
 # What the last explanation entered in this context reported (kept after it ends, so that a
 # failed additivity check afterwards can name the ops that lacked a rule).
-_last_reported: ContextVar[dict] = ContextVar("torch_handler_last_reported", default={})
+_last_reported: ContextVar[dict | None] = ContextVar("torch_handler_last_reported", default=None)
 _hooks_lock = threading.Lock()
 _hooks_users = 0
 _hook_handles: list = []
@@ -216,7 +216,7 @@ def current() -> _Explanation | None:
 def last_reported() -> dict:
     """``{"gt in MaskedMean.forward": advice}``: the ops the last explanation
     entered in this context reported (UnsupportedOpWarning), in order; empty if none."""
-    return dict(_last_reported.get())
+    return dict(_last_reported.get() or {})
 
 
 def _pre_hook(module, args):
@@ -608,8 +608,9 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             return False
         return t.requires_grad or t not in self.constants or self.differs(t)
 
-    def lost_note(self, tensors) -> str:
-        """Where the batch place of the first of ``tensors`` that lost it was lost, and why."""
+    def lost_note(self, tensors, otherwise: str = " Keep the batch as its own dim until this op.") -> str:
+        """Where the batch place of the first of ``tensors`` that lost it was lost, and why
+        (``otherwise`` where none did)."""
         for t in tensors:
             lost = self.lost.get(t) if isinstance(t, Tensor) else None
             if lost is not None:
@@ -623,7 +624,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                            "Write that step with ops that have rules (see the README's support "
                            "table), or compute it from input-independent tensors")
                 return f" The batch place was lost at `{name}` in {where}: {why}."
-        return " Keep the batch as its own dim until this op."
+        return otherwise
 
     def _unknown(self, func, name, args, kwargs):
         out = func(*args, **kwargs)
@@ -977,8 +978,7 @@ def _broadcast_axis(mode, operands, out, name) -> Axis:
             f"`{name}` combines input-dependent tensors whose doubled batches sit in different "
             f"places ({', '.join(str(tuple(op.shape)) for op in operands if isinstance(op, Tensor))}): "
             "their rows cannot be paired. Bring the batch to the same dim in both."
-            + mode.lost_note([op for op in operands if isinstance(op, Tensor)]).replace(
-                " Keep the batch as its own dim until this op.", "")
+            + mode.lost_note([op for op in operands if isinstance(op, Tensor)], otherwise="")
         )
     return axis
 
@@ -1386,7 +1386,9 @@ def _getitem(mode, func, name, args, kwargs):
     x, axis = args[0], mode.axis_of(args[0])
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
     for i in index:
-        if isinstance(i, Tensor) and i not in mode.constants and mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
+        if not isinstance(i, Tensor) or i in mode.constants:  # made in the model: see _follow_constants
+            continue
+        if mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
             mode.report_if_used(
                 out,
                 "__getitem__",
@@ -1469,7 +1471,8 @@ def _where(mode, func, name, args, kwargs):
     else:  # masked_fill(x, mask, value)
         condition, operands = args[1], (args[0], args[2])
     # A condition computed in the model is reported by _follow_constants, naming the op that made it.
-    differs = (condition.requires_grad or condition not in mode.constants) and mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name)
+    made_here = not condition.requires_grad and condition in mode.constants
+    differs = not made_here and mode.axis_of(condition) is not None and not _halves_equal(mode, condition, name)
     out = func(*args, **kwargs)
     if differs:
         mode.report_if_used(
