@@ -111,12 +111,31 @@ class LogicalWhere(nn.Module):
         return self.out(gated.sum(1) / valid.float().sum(1, keepdim=True))
 
 
+class ValidStepsFirst(nn.Module):
+    """An integer cast of the padding mask, ``argsort`` of it (the valid steps, latest first),
+    and the LSTM outputs reordered by those indices, weighted per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.weights = nn.Parameter(torch.linspace(1.0, 0.1, LENGTH).unsqueeze(-1))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h, _ = self.lstm(x.transpose(1, 2))
+        positions = torch.arange(x.shape[-1], device=x.device)
+        order = ((x != 0).any(1).long() * positions).argsort(dim=1, descending=True, stable=True)  # (N, L)
+        reordered = torch.take_along_dim(h, order.unsqueeze(-1), dim=1)
+        return self.out(torch.tanh((reordered * self.weights).sum(1)))
+
+
 MODELS = {
     "masked_mean_any": lambda: MaskedMean("any"),
     "masked_mean_abs_gt": lambda: MaskedMean("abs"),
     "masked_attention": MaskedAttention,
     "last_valid_step": LastValidStep,
     "logical_where": LogicalWhere,
+    "valid_steps_first": ValidStepsFirst,
 }
 # The op that makes each model's mask from the input (where the gradient ends).
 MASK_OP = {
@@ -125,6 +144,7 @@ MASK_OP = {
     "masked_attention": "eq",
     "last_valid_step": "ne",
     "logical_where": "eq",
+    "valid_steps_first": "ne",
 }
 
 

@@ -166,14 +166,16 @@ def captum_shap(model, X, background):
         return DeepLiftShap(model).attribute(tuple(X), baselines=tuple(background), target=TARGET)
 
 
-def assert_shap_matches_captum(model, X, background, bar):
-    """shap (register()) sums to Δf and equals Captum DeepLiftShap element-wise on the same pairs."""
+def assert_shap_matches_captum(model, X, background, bar, nonzero=True):
+    """shap (register()) sums to Δf and equals Captum DeepLiftShap element-wise on the same pairs.
+    ``nonzero``: require some attribution to be non-zero (a random architecture may end in
+    relu(log_softmax(.)), which is 0 whatever the input)."""
     values = explain(model, background, X)  # shap's own strict additivity check runs too
     assert isinstance(values, list) and len(values) == len(X)
     assert additivity_error(model, background, X, values) <= bar
     captum = captum_shap(model, X, background)
     scale = max(float(np.abs(c.detach().numpy()).max()) for c in captum)
-    assert scale > 0
+    assert scale > 0 or not nonzero
     for v, c in zip(values, captum, strict=True):
         assert v.shape == (*c.shape, 2)
         assert np.abs(v[..., TARGET] - c.detach().double().numpy()).max() <= bar * scale
@@ -298,7 +300,7 @@ def test_random_multi_input_architectures_through_shap(seed):
     """Seeded random architectures (float64): shap is exact and equals Captum on the same pairs."""
     rng = random.Random(seed)
     model, X, background = setup(random_architecture(rng), torch.float64, n=2, n_background=2, seed=seed)
-    assert_shap_matches_captum(model, X, background, TOLERANCE[torch.float64])
+    assert_shap_matches_captum(model, X, background, TOLERANCE[torch.float64], nonzero=False)
 
 
 def test_a_rule_survives_repeated_backward_passes():
