@@ -581,6 +581,11 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     where = where or _caller()
                     # x != 0 arrives as __ne__, x > 0 as gt: name both as torch does (ne, gt)
                     self.constants[o] = (name[2:-2] if name.startswith("__") else name, where)
+        if constants and _rows_by_index(self, name, args, kwargs):
+            # The index only reorders the doubled batch's rows (pack_padded_sequence sorting by
+            # length): the result's pairs are lost (UNKNOWN), so whatever needs them refuses
+            # by name, and the recurrent module puts packed rows back in order itself.
+            constants = []
         if constants and name not in _INDEX_CONSUMERS and any(o.requires_grad for o in outs):
             for c in constants:
                 if self.differs(c):
@@ -1511,8 +1516,9 @@ def _halves_equal(mode, t: Tensor, name: str) -> bool:
 
 
 # Ops whose gradient-free input is token ids: the layer variants of the engines attribute at
-# their output (docs/masks.md), where the ids' difference is carried.
-_INDEX_CONSUMERS = frozenset({"embedding", "embedding_bag"})
+# their output (docs/masks.md), where the ids' difference is carried. Packing reads its lengths
+# only to lay the rows out; the recurrent module refuses a pair whose lengths differ.
+_INDEX_CONSUMERS = frozenset({"embedding", "embedding_bag", "_pack_padded_sequence"})
 
 # How many units in the last place (of the largest magnitude) two halves of a tensor computed
 # without a gradient may differ by and still count as equal (rows rounded by different kernels).
@@ -1570,6 +1576,33 @@ def _index_select(mode, func, name, args, kwargs):
         same = same and out.shape[axis.dim] == x.shape[axis.dim]
         axis = axis if same else UNKNOWN
     mode.mark(out, axis)
+    return out
+
+
+def _rows_by_index(mode, name, args, kwargs) -> bool:
+    """Whether this ``index_select`` picks rows of the dim that holds its input's batch."""
+    if name != "index_select":
+        return False
+    axis = mode.axis_of(args[0])
+    dim = _arg(args, kwargs, 1, "dim")
+    return axis not in (None, UNKNOWN) and dim is not None and args[0].dim() > 0 and dim % args[0].dim() == axis.dim
+
+
+def _sort(mode, func, name, args, kwargs):
+    """sort / argsort: rows are kept unless the sort runs along the batch dim, which mixes the
+    pairs (pack_padded_sequence sorts the lengths of the whole doubled batch)."""
+    out = func(*args, **kwargs)
+    axis = mode.axis_of(args[0])
+    dim = _arg(args, kwargs, 1, "dim", -1)
+    if isinstance(dim, bool):  # torch.sort(x, descending) written positionally: dim is -1
+        dim = -1
+    if axis is not UNKNOWN and args[0].dim() and dim % args[0].dim() == axis.dim:
+        axis = UNKNOWN
+    for o in _flat(out):
+        if isinstance(o, Tensor):
+            if o.is_floating_point():
+                mode.report_if_used(o, name, _no_rule_advice(name))
+            mode.mark(o, axis)
     return out
 
 
@@ -1822,6 +1855,8 @@ _HANDLERS.update(
         "repeat": _repeat,
         "tile": _repeat,
         "repeat_interleave": _repeat,
+        "sort": _sort,
+        "argsort": _sort,
         "index_select": _index_select,
         "gather": _index_select,
         "take_along_dim": _index_select,
