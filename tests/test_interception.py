@@ -264,6 +264,55 @@ def test_tangermeme_registers_no_hooks_on_handled_modules():
             del module._NON_LINEAR_OPS
 
 
+_IMPORTED_INSIDE = """
+import sys
+import torch
+from torch import nn
+import torch_handler
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.softmax, self.out = nn.GRU(3, 4, batch_first=True), nn.Softmax(-1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.softmax(self.rnn(x)[0][:, -1]))
+
+torch.manual_seed(0)
+model = Model().double().eval()
+x, r = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(3, 5, 3, dtype=torch.float64)
+with torch_handler.deeplift_mode(model):
+    lazy = [m for m in ("captum.attr._core.deep_lift", "tangermeme.deep_lift_shap") if m in sys.modules]
+    from captum.attr import DeepLiftShap  # first imported while the explanation is active
+    import tangermeme.deep_lift_shap as tdls
+    guarded = [getattr(f, "_torch_handler_guard", False)
+               for f in (DeepLiftShap.__mro__[1]._can_register_hook, tdls._register_hooks)]
+    phi = DeepLiftShap(model).attribute(x, baselines=r, target=0)
+restored = [not hasattr(f, "_torch_handler_guard")
+            for f in (DeepLiftShap.__mro__[1]._can_register_hook, tdls._register_hooks)]
+with torch.no_grad():
+    gap = (phi.sum((1, 2)) - (model(x)[:, 0] - model(r)[:, 0].mean())).abs().max().item()
+print(lazy, guarded, restored, gap)
+"""
+
+
+def test_an_engine_imported_inside_an_explanation_gets_its_seam_wrapped(tmp_path):
+    """The first explanation does not import the engines (seconds); one imported while it is
+    active is wrapped on import, exact, and put back when the explanation ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(torch_handler.__file__).resolve().parents[1])  # this checkout first
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_INSIDE], capture_output=True, text=True,
+                          check=False, cwd=tmp_path, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("[] [True, True] [True, True] "), line  # not imported, wrapped, put back
+    assert float(line.rsplit(" ", 1)[1]) <= TOLERANCE[torch.float64]
+
+
 # --- threads, no_grad, models without recurrent modules --------------------------------------
 
 

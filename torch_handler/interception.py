@@ -1115,13 +1115,31 @@ def _max(mode, func, name, args, kwargs):
     return _single("amax", _parse_max)(mode, func, name, args, kwargs)
 
 
+def _broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` for concrete shapes, in plain Python: torch's goes through
+    ``torch._refs``, whose first use imports sympy (seconds, on an explanation's first call).
+    Raises RuntimeError on shapes that do not broadcast, as torch's does."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for k, shape in enumerate(shapes):
+        for d, n in enumerate(shape, start=ndim - len(shape)):
+            if n != 1 and out[d] not in (1, n):
+                raise RuntimeError(
+                    f"Attempting to broadcast a dimension of length {n} at {d - ndim}! Mismatching "
+                    f"argument at index {k} had {tuple(shape)}; but expected shape should be "
+                    f"broadcastable to {out}"
+                )
+            out[d] = n if out[d] == 1 else out[d]
+    return torch.Size(out)
+
+
 def _batched(mode, func, name, rule, operands, params, args, kwargs):
     """matmul / bmm / baddbmm / sdpa: operands broadcast over their leading (batch) dims."""
     if rule not in rule_table():
         return mode._unknown(func, name, args, kwargs)
     if any(op.dim() < 2 for op in operands):
         return mode._unknown(func, name, args, kwargs)
-    lead = torch.broadcast_shapes(*(op.shape[:-2] for op in operands))
+    lead = _broadcast_shapes(*(op.shape[:-2] for op in operands))
     ndim = len(lead) + 2
     expanded, axes = [], []
     for op in operands:
@@ -1173,7 +1191,7 @@ def _baddbmm(mode, func, name, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if mode.axis_of(u) is None or mode.axis_of(v) is None:
         return _linear_generic(mode, func, name, args, kwargs)
-    c = c.expand(*torch.broadcast_shapes(u.shape[:-2], v.shape[:-2]), u.shape[-2], v.shape[-1])
+    c = c.expand(*_broadcast_shapes(u.shape[:-2], v.shape[:-2]), u.shape[-2], v.shape[-1])
     return _batched(mode, func, name, "baddbmm", [c, u, v], {"beta": beta, "alpha": alpha}, args, kwargs)
 
 
@@ -1192,7 +1210,7 @@ def _sdpa(mode, func, name, args, kwargs):
         return _linear_generic(mode, func, name, args, kwargs)  # linear in v
     params = {"attn_mask": None, "is_causal": causal, "scale": scale}
     if mask is not None:
-        scores_lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], mask.shape[:-2])
+        scores_lead = _broadcast_shapes(q.shape[:-2], k.shape[:-2], mask.shape[:-2])
         params["attn_mask"] = mask.detach().expand(*scores_lead, q.shape[-2], k.shape[-2])
     return _batched(mode, func, name, "scaled_dot_product_attention", [q, k, v], params, args, kwargs)
 
