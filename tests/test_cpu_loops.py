@@ -6,16 +6,11 @@ element-wise here for every cell type, both dtypes, one pair and several (one th
 team of threads), hidden sizes that fill the vectors and sizes that leave tails, backward
 chunks that start mid-sequence, output multipliers dense, expanded (stride 0) and absent, and
 inputs that saturate the gates or make a pair's halves equal. Whole explanations then match
-``LSTM_DEEPSHAP_FUSED=0`` (the eager loops) and keep additivity.
+``LSTM_DEEPSHAP_FUSED=0`` (the eager loops) and keep additivity. How the library is built,
+cached and loaded: tests/test_cpu_cache.py.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -217,54 +212,3 @@ def test_the_loops_serve_only_what_they_compile(monkeypatch):
     assert cpu_loops.enabled(rule, projected, 2, cpu, torch.float32, None) is False
     monkeypatch.setenv(cpu_loops.ENV, "0")
     assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is False
-
-
-CHILD = textwrap.dedent(
-    """
-    import json, warnings
-    import torch
-    from torch import nn
-    import torch_handler
-    from torch_handler import cpu_loops
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = cpu_loops.load(timeout=300)
-    module = nn.LSTM(3, 8)
-    x = torch.randn(5, 2, 3, requires_grad=True)
-    with torch_handler.deeplift_mode(module):
-        out, _ = module(x)
-        (grad,) = torch.autograd.grad(out.sum(), x)
-    print(json.dumps([loaded, bool(torch.isfinite(grad).all()), len(caught), [str(w.message) for w in caught]]))
-    """
-)
-
-
-def run_child(tmp_path, **env):
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=False,
-                          env={**os.environ, "LSTM_DEEPSHAP_CACHE": str(tmp_path), **env}, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded, finite, warned, messages = json.loads(done.stdout.strip().splitlines()[-1])
-    return loaded, finite, warned, " ".join(messages)
-
-
-def test_the_library_is_compiled_once_then_loaded_from_the_cache(tmp_path):
-    assert run_child(tmp_path)[:3] == (True, True, 0)
-    built = sorted(tmp_path.glob("cpu_kernels-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    assert run_child(tmp_path)[:3] == (True, True, 0)  # a second process: loaded, not rebuilt
-    assert sorted(tmp_path.glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp
-    # A cached file others could have written is never loaded: it is rebuilt.
-    built[0].chmod(0o666)
-    assert run_child(tmp_path)[:3] == (True, True, 0)
-    assert built[0].stat().st_mode & 0o022 == 0
-
-
-def test_a_failed_compilation_warns_once_and_leaves_the_eager_loop(tmp_path):
-    failing = tmp_path / "cc"
-    failing.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
-    failing.chmod(0o755)
-    loaded, finite, warned, messages = run_child(tmp_path, CC=str(failing))
-    assert (loaded, finite, warned) == (False, True, 1)
-    assert "eager loop" in messages and "no compiler here" in messages

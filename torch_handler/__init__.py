@@ -14,6 +14,7 @@ context explains. The rule for each cell type lives in :mod:`torch_handler.rules
 supported classes are declared once, in :mod:`torch_handler.registry`.
 """
 
+from .embeddings import FromEmbeddings, from_embeddings
 from .errors import (
     AdditivityError,
     DoubledBatchError,
@@ -23,6 +24,7 @@ from .errors import (
     UnsupportedOpWarning,
 )
 from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
+from .references import padded_references
 from .registry import REGISTRY, SUPPORTED_MODULES
 from .shap_integration import (
     gru_cell_handler,
@@ -43,6 +45,7 @@ __all__ = [
     "AdditivityError",
     "DoubledBatchError",
     "Explanation",
+    "FromEmbeddings",
     "NonFiniteError",
     "REGISTRY",
     "SUPPORTED_MODULES",
@@ -53,11 +56,13 @@ __all__ = [
     "UntestedVersionWarning",
     "current_explanation",
     "deeplift_mode",
+    "from_embeddings",
     "gru_cell_handler",
     "gru_handler",
     "is_registered",
     "lstm_cell_handler",
     "lstm_handler",
+    "padded_references",
     "recurrent_modules",
     "register",
     "rnn_cell_handler",

@@ -3,9 +3,11 @@
 The rule is exact, so attributions must sum to f(x) − E[f(background)] up to rounding. A
 larger error has one of two causes, which need different fixes:
 
-* an operation in the model has no DeepLIFT rule in the engine (a functional ``torch.relu``
-  instead of ``nn.ReLU``, a module class the engine does not know) and got its plain
-  gradient: the error is typically 1e-2 or more, in any dtype;
+* an operation in the model has no DeepLIFT rule and got its plain gradient (``abs``, ``sort``,
+  a module class the engine does not know), or an input-dependent value without a gradient (a
+  mask, indices) differs between an input and its reference: the error is typically 1e-2 or
+  more, in any dtype. Inside an explained recurrent model the explanation itself reports such
+  ops (UnsupportedOpWarning); those reports name the culprits, with their fixes;
 * float32 rounding of an ill-conditioned model: the model's own float32 forward already
   differs from its float64 forward by about as much (cancellation between large terms), so
   no float32 attribution can do better. Explaining in float64 fixes it.
@@ -35,6 +37,9 @@ TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 # account for it (see the module docstring).
 FLOAT32_ROUNDING_CAP = 1e-4
 
+# How many culprits a failure message names.
+MAX_CULPRITS = 8
+
 # An additivity error within this factor of the model's own float32-vs-float64 difference is
 # attributed to rounding: the attribution adds a few roundings of its own on top of the
 # forward's, and cancellation amplifies both alike.
@@ -46,11 +51,15 @@ class Diagnosis(NamedTuple):
 
     model_rounding: max |f_float32 − f_float64| / scale of the model's own forward on the same
     inputs and background (None in float64, or if it could not be measured); unhandled:
-    ``"name (Type): why"`` for each module that likely computes without a DeepLIFT rule.
+    ``"name (Type): why"`` for each module that likely computes without a DeepLIFT rule, found
+    by replaying the model; reported: ``{"gt in MaskedMean.forward": advice}``, the ops the
+    explanation itself reported (None: read :func:`torch_handler.interception.last_reported`).
+    Reported ops, observed on the gradient's path, name the culprits when there are any.
     """
 
     model_rounding: float | None
     unhandled: list[str]
+    reported: dict | None = None
 
 
 def _as_numpy(dtype) -> np.dtype:
@@ -76,8 +85,7 @@ def _is_rounding(worst: float, diagnosis: Diagnosis | None) -> bool:
     return rounding is not None and worst <= ROUNDING_FACTOR * rounding
 
 
-def failure_message(engine: str, per_sample, worst: float, tolerance: float, dtype,
-                    diagnosis: Diagnosis | None) -> str:
+def failure_message(engine: str, per_sample, worst: float, tolerance: float, dtype, diagnosis: Diagnosis | None) -> str:
     """The AdditivityError message: the measured errors, then the likely cause and its fix."""
     head = (
         f"{engine}: attributions do not sum to f(x) − E[f(background)]: relative error per "
@@ -105,20 +113,43 @@ def failure_message(engine: str, per_sample, worst: float, tolerance: float, dty
             f" (Not float32 rounding: the model's own float32 forward is within "
             f"{diagnosis.model_rounding:.2g} of its float64 forward.)"
         )
+    reported = dict(diagnosis.reported or {}) if diagnosis is not None else {}
+    if reported:
+        # Seen on the gradient's path by the explanation itself: these are the culprits.
+        labels = list(reported)[:MAX_CULPRITS]
+        culprits = " Likely culprits: " + "; ".join(f"functional {label}" for label in labels) + "."
+        fixes = " ".join(f"Fix for {label}: {reported[label]}." for label in labels)
+        return head + (
+            "Cause: an operation in the model has no DeepLIFT rule, or an input-dependent value "
+            "without a gradient (a mask, indices) differs between an input and its reference, "
+            f"and the explanation reported it.{culprits}{rounding_note} {fixes} Or pass "
+            "check_additivity=False to accept approximate values."
+        )
     culprits = ""
     if diagnosis is not None and diagnosis.unhandled:
-        culprits = " Likely culprits: " + "; ".join(diagnosis.unhandled[:8]) + "."
+        culprits = " Likely culprits: " + "; ".join(diagnosis.unhandled[:MAX_CULPRITS]) + "."
     return head + (
         "Cause: an operation in the model has no DeepLIFT rule in this engine and got a plain "
-        "gradient (the recurrent layers are exact): typically a functional call (torch.relu, "
-        "torch.sigmoid, x * y) where an nn.Module (nn.ReLU, nn.Sigmoid) is needed, or a module "
-        f"class the engine does not know.{culprits}{rounding_note} Fix: use the nn.Module form "
-        "of that operation, or pass check_additivity=False to accept approximate values."
+        "gradient (the recurrent layers, and inside a recurrent model the ops of the README's "
+        "support table, functional calls included, are exact): an op such as abs, sort or "
+        f"cumprod, or a module class the engine does not know.{culprits}{rounding_note} Fix: "
+        "write that operation with ops that have rules (e.g. abs(x) = relu(x) + relu(-x), "
+        "amin(x, d) = -amax(-x, d)) or keep it off the input-dependent path, or pass "
+        "check_additivity=False to accept approximate values."
     )
 
 
-def check_additivity(attribution_sums, output_deltas, scale, dtype, engine: str,
-                     diagnose: Callable[[], Diagnosis] | None = None) -> float:
+def _last_reported() -> dict:
+    """The ops the last explanation in this context reported (imported late: interception
+    needs torch, this module does not)."""
+    from .interception import last_reported
+
+    return last_reported()
+
+
+def check_additivity(
+    attribution_sums, output_deltas, scale, dtype, engine: str, diagnose: Callable[[], Diagnosis] | None = None
+) -> float:
     """Raise AdditivityError when any sample misses its Δf by more than the tolerance, or when
     any attribution sum or output is NaN / Inf.
 
@@ -135,6 +166,8 @@ def check_additivity(attribution_sums, output_deltas, scale, dtype, engine: str,
     if worst > tolerance:
         per_sample = errors.reshape(errors.shape[0], -1).max(axis=1) if errors.ndim else errors
         diagnosis = diagnose() if diagnose is not None and np.isfinite(worst) else None
+        if diagnosis is not None and diagnosis.reported is None:
+            diagnosis = diagnosis._replace(reported=_last_reported())
         if _as_numpy(dtype) == np.float32 and worst <= FLOAT32_ROUNDING_CAP and _is_rounding(worst, diagnosis):
             return worst  # the model's own float32 rounding, measured: nothing to blame the rule for
         raise AdditivityError(failure_message(engine, per_sample, worst, tolerance, dtype, diagnosis))

@@ -42,8 +42,8 @@ def valid(shape, axis: Axis | None) -> Axis | None:
     """``axis`` if it is consistent with ``shape``, else None."""
     if axis is None or not 0 <= axis.dim < len(shape):
         return None
-    if shape[axis.dim] % (axis.size * axis.inner):
-        return None
+    if not axis.size * axis.inner or shape[axis.dim] % (axis.size * axis.inner):
+        return None  # an empty batch (size 0) has no rows to pair
     return axis
 
 

@@ -22,6 +22,8 @@ it, and its input must have the doubled batch on dim 0 (checked), as that rule a
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 import threading
 
 from torch import nn
@@ -69,6 +71,10 @@ _LINEAR_TYPES = (
 
 
 def _bilinear_op_type():
+    # Only where tangermeme's module is imported: no model holds a BilinearOp before that, and
+    # importing it (numba) cost seconds on the first explanation of a shap or Captum user.
+    if "tangermeme.deep_lift_shap" not in sys.modules:
+        return None
     try:
         from tangermeme.deep_lift_shap import BilinearOp
     except Exception:  # noqa: BLE001 - tangermeme absent or broken: no such module type
@@ -185,39 +191,115 @@ def _seams():
 
     An engine that is not installed has nothing to guard. One that is installed but lacks the
     seam (a reorganised release) raises UnsupportedVersionError naming it: without the guard
-    its module rules would silently override the library's.
+    its module rules would silently override the library's. An engine whose seam module is
+    not imported yet is not imported here (tangermeme's pulls in numba, 0.7-2 s, Captum's
+    0.3 s, shap's more, on the first explanation of a process that may never use them): :class:`_WhenImported`
+    wraps it the moment it is imported while explanations are active.
     """
-    from .versions import check_version, require_attributes
+    for module_name, seam in _SEAMS.items():
+        if module_name in sys.modules:
+            found = seam()
+            if found is not None:
+                yield found
 
-    purpose = "torch_handler.deeplift_mode (keeping the engine's module rules off handled modules)"
+
+def _shap_seam():
+    from .versions import require_attributes
+
     try:
         from shap.explainers._deep import deep_pytorch
     except ImportError:
-        pass
-    else:
-        require_attributes(deep_pytorch, ["PyTorchDeep.add_handles"], "shap", purpose)
-        yield deep_pytorch.PyTorchDeep, "add_handles", _guard_shap_add_handles
+        return None
+    require_attributes(deep_pytorch, ["PyTorchDeep.add_handles"], "shap", _PURPOSE)
+    return deep_pytorch.PyTorchDeep, "add_handles", _guard_shap_add_handles
+
+
+def _captum_seam():
+    from .versions import check_version, require_attributes
+
     try:
         import captum
         from captum.attr._core import deep_lift
     except ImportError:
-        pass
-    else:
-        check_version("captum", captum.__version__, purpose)
-        require_attributes(deep_lift, ["DeepLift._can_register_hook"], "captum", purpose)
-        yield deep_lift.DeepLift, "_can_register_hook", _guard_captum_can_register
+        return None
+    check_version("captum", _version(captum), _PURPOSE)
+    require_attributes(deep_lift, ["DeepLift._can_register_hook"], "captum", _PURPOSE)
+    return deep_lift.DeepLift, "_can_register_hook", _guard_captum_can_register
+
+
+def _tangermeme_seam():
+    from .versions import check_version, require_attributes
+
     try:
         import tangermeme
         import tangermeme.deep_lift_shap as tdls
     except ImportError:
-        pass
-    else:
-        check_version("tangermeme", tangermeme.__version__, purpose)
-        from tangermeme import _deep_lift_utils
+        return None
+    check_version("tangermeme", _version(tangermeme), _PURPOSE)
+    from tangermeme import _deep_lift_utils
 
-        require_attributes(tdls, ["_register_hooks"], "tangermeme", purpose)
-        require_attributes(_deep_lift_utils, ["_build_nonlinear_ops"], "tangermeme", purpose)
-        yield tdls, "_register_hooks", _guard_tangermeme_register
+    require_attributes(tdls, ["_register_hooks"], "tangermeme", _PURPOSE)
+    require_attributes(_deep_lift_utils, ["_build_nonlinear_ops"], "tangermeme", _PURPOSE)
+    return tdls, "_register_hooks", _guard_tangermeme_register
+
+
+def _version(package) -> str:
+    """``package.__version__``, or its distribution's version while the package is still being
+    imported (captum's ``__init__`` imports its DeepLift before it sets ``__version__``)."""
+    import importlib.metadata
+
+    return getattr(package, "__version__", None) or importlib.metadata.version(package.__name__)
+
+
+_PURPOSE = "torch_handler.deeplift_mode (keeping the engine's module rules off handled modules)"
+_SEAMS = {  # seam module -> its seam, checked
+    "shap.explainers._deep.deep_pytorch": _shap_seam,
+    "captum.attr._core.deep_lift": _captum_seam,
+    "tangermeme.deep_lift_shap": _tangermeme_seam,
+}
+
+
+def _wrap(seam) -> None:
+    owner, name, guard = seam
+    original = getattr(owner, name)
+    if not _guarded(original):
+        wrapper = guard(original)
+        setattr(owner, name, wrapper)
+        _installed.append((owner, name, original, wrapper))
+
+
+class _WhenImported(importlib.abc.MetaPathFinder):
+    """While explanations are active: a seam module imported now (an engine first used inside
+    ``deeplift_mode``) gets its seam wrapped as soon as its code has run, before the importer
+    sees it. Finds nothing itself; it wraps the loader the next finder returns."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _SEAMS or fullname in sys.modules:
+            return None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1 :]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            seam = _SEAMS[fullname]()  # the module is in sys.modules now: not imported again
+            with _lock:
+                if _users and seam is not None:
+                    _wrap(seam)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_when_imported = _WhenImported()
 
 
 def install() -> None:
@@ -229,12 +311,9 @@ def install() -> None:
     with _lock:
         if _users == 0:
             seams = list(_seams())  # every check first: a refused engine leaves nothing wrapped
-            for owner, name, guard in seams:
-                original = getattr(owner, name)
-                if not _guarded(original):
-                    wrapper = guard(original)
-                    setattr(owner, name, wrapper)
-                    _installed.append((owner, name, original, wrapper))
+            for seam in seams:
+                _wrap(seam)
+            sys.meta_path.insert(0, _when_imported)
         _users += 1
 
 
@@ -246,6 +325,8 @@ def uninstall() -> None:
     with _lock:
         _users -= 1
         if _users == 0:
+            if _when_imported in sys.meta_path:
+                sys.meta_path.remove(_when_imported)
             while _installed:
                 owner, name, original, wrapper = _installed.pop()
                 if getattr(owner, name) is wrapper:

@@ -222,6 +222,15 @@ def _scripted_recurrent_ops(module: torch.jit.ScriptModule) -> list[str]:
     return sorted(found)
 
 
+def _scripted_recurrent_classes(module: torch.jit.ScriptModule) -> list[str]:
+    """``nn.<Class>`` for each module inside a TorchScript module (itself included) that was a
+    supported recurrent module before scripting or tracing (TorchScript keeps the class name
+    as ``original_name``). Needed beside the graph's ops: tracing an nn.LSTMCell / GRUCell /
+    RNNCell records its equations as elementary ops (linear, sigmoid, tanh, mul), no cell op."""
+    names = {cls.__name__ for cls in SUPPORTED_MODULES}
+    return sorted({f"nn.{m.original_name}" for m in module.modules() if getattr(m, "original_name", None) in names})
+
+
 def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None:
     """TorchScript submodules (torch.jit.trace / torch.jit.script) hide their modules: the
     recurrent ones inside cannot run the rule and would get plain gradients. Refused when
@@ -229,7 +238,7 @@ def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None
     operations are handled, or not, by the engine exactly like any other module's)."""
     label = _label(name, module, model)
     try:
-        ops = _scripted_recurrent_ops(module)
+        ops = _scripted_recurrent_ops(module) + _scripted_recurrent_classes(module)
     except Exception as error:  # no forward graph to read: we cannot know what it computes
         raise UnsupportedConfigurationError(
             f"{label} is a TorchScript module whose graph cannot be inspected ({error}); it may "
@@ -243,6 +252,15 @@ def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None
             "gradients and the attributions would miss f(x) − E f. Explain the eager model "
             "(the nn.Module before torch.jit.trace / torch.jit.script) instead."
         )
+
+
+def check_torchscript(model: nn.Module) -> None:
+    """Refuse ``model`` if it is, or holds, a TorchScript module running a recurrent op (see
+    :func:`_check_script_module`). For integrations that otherwise hand a model without
+    visible recurrent modules to the engine unchanged (``register()``'s shap path)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            _check_script_module(name, module, model)
 
 
 def _check_model(model: nn.Module, names: Mapping[nn.Module, str]) -> None:
@@ -323,9 +341,11 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
     Raises UnsupportedConfigurationError, before changing anything, for a configuration the
     rule does not cover: a recurrent module overriding forward (by subclass or on the
     instance), half precision, dropout active in training mode, a module computing batch
-    statistics (BatchNorm in training mode), a TorchScript submodule running a recurrent op.
-    While explaining, a recurrent module whose values or multipliers become NaN / Inf raises
-    NonFiniteError naming it. Warns if the model has no recurrent module. Yields the model.
+    statistics (BatchNorm in training mode), a TorchScript submodule running a recurrent op
+    or holding a traced recurrent module. While explaining, a recurrent module whose values
+    (pre-activations, input projection included), states or multipliers become NaN / Inf
+    raises NonFiniteError naming it, and one given an empty batch raises DoubledBatchError
+    (a ValueError) saying so. Warns if the model has no recurrent module. Yields the model.
 
     If the body raises, the model also loses whatever hooks, attributes and flags the engine
     had added to it before failing (see :class:`ModelSnapshot`).

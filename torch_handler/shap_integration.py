@@ -10,7 +10,9 @@
 2. ``PyTorchDeep.__init__`` first checks what shap's constructor would otherwise fail on with
    shap's or torch's own message: half-precision recurrent weights
    (UnsupportedConfigurationError) and a background of another dtype (TypeError) or device
-   (ValueError) than the recurrent weights.
+   (ValueError) than the recurrent weights; and refuses, as ``deeplift_mode`` does, a
+   TorchScript submodule running a recurrent op (UnsupportedConfigurationError), which shap
+   would otherwise explain with plain gradients.
 3. ``PyTorchDeep.shap_values`` runs inside :func:`torch_handler.deeplift_mode` when the
    model has a recurrent module, and then checks additivity with a dtype-aware tolerance
    (stricter than shap's absolute 0.01), with a message that tells an operation without a
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from .additivity import Diagnosis, check_additivity
-from .mode import ModelSnapshot, deeplift_mode, is_active, recurrent_modules
+from .mode import ModelSnapshot, check_torchscript, deeplift_mode, is_active, recurrent_modules
 from .modules import check_finite, check_supported
 from .registry import REGISTRY, SUPPORTED_MODULES
 from .versions import TESTED, shap_deep_pytorch
@@ -258,6 +260,11 @@ def _validate_inputs(explainer, X) -> None:
                 f"{name} is on {x.device} but its background is on {background.device}; move "
                 "both to the model's device."
             )
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"{name} is an empty batch (0 rows): there is nothing to explain. Skip empty "
+                "batches before calling shap_values."
+            )
         check_finite(x, name)
         check_finite(background, f"the background of {name}")
 
@@ -265,6 +272,9 @@ def _validate_inputs(explainer, X) -> None:
 def _make_shap_values(original):
     def shap_values(self, X, ranked_outputs=None, output_rank_order="max", check_additivity=True):
         if not recurrent_modules(self.model):
+            # A recurrent layer hidden in TorchScript would get plain gradients: refuse it, as
+            # deeplift_mode does (also here: the explainer may predate register()).
+            check_torchscript(self.model)
             return original(self, X, ranked_outputs, output_rank_order, check_additivity)
         _validate_inputs(self, X)
         snapshot = ModelSnapshot(self.model)
@@ -289,6 +299,7 @@ def _check_model_and_background(model, data) -> None:
     message: half-precision recurrent weights (shap: "Got unsupported ScalarType"), and a
     background whose dtype or device differs from the recurrent weights (torch's error from
     inside the layer)."""
+    check_torchscript(model)
     modules = recurrent_modules(model)
     for module in modules:
         check_supported(module)
