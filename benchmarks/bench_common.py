@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from torch_handler.cli import resolve_device  # noqa: E402, F401  (re-exported for the scripts)
+from torch_handler.demo.devices import resolve_device  # noqa: E402, F401  (re-exported for the scripts)
 
 
 def base_parser(description: str, samples_help: str, samples_default: int) -> argparse.ArgumentParser:

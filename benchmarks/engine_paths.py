@@ -154,7 +154,7 @@ def first_call_probe(name: str, variant: str, repeats: int, seed: int) -> dict:
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    from torch_handler import cpu_loops
+    from torch_handler.recurrent import cpu_loops
 
     built = cpu_loops.wait(120)  # the steady state is with the compiled loops, as every later call
     fn()

@@ -2,7 +2,7 @@
 
     python benchmarks/engines.py --out out [--samples 8] [--quick] [--device cuda]
 
-The model is the demo's forecaster (``torch_handler/demo.py``: nn.LSTM + nn.Linear on macrodata,
+The model is the demo's forecaster (``torch_handler/demo/forecast.py``: nn.LSTM + nn.Linear on macrodata,
 trained here with the demo's code and seed); the same held-out windows are explained by every
 engine against the same background of training windows:
 

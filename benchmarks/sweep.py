@@ -16,9 +16,9 @@ first-call time, is reported separately in the JSON) and then as many pairs as f
 
 Section ``long`` adds the genomics-sized cell, T = 1000 with 1024 rows (largest thread count
 only). On the CPU the native variant is oneDNN's fused RNN (nn.LSTM) or ATen's loop (nn.GRU,
-nn.RNN), and the rule runs its compiled C loops (``torch_handler/cpu_loops.py``). On CUDA the
+nn.RNN), and the rule runs its compiled C loops (``torch_handler/recurrent/cpu_loops.py``). On CUDA the
 native variant is cuDNN (module in train() mode, the same function as eval()
-without dropout) and the rule runs its fused loops (``torch_handler/fused_loops.py``; set
+without dropout) and the rule runs its fused loops (``torch_handler/recurrent/fused_loops.py``; set
 ``LSTM_DEEPSHAP_FUSED=0`` to time the eager loops instead); section ``check`` then compares the
 compiled kernels with the eager loops and with float64, element-wise, and checks additivity.
 A process's first call starts the compilation (C on the CPU, Triton kernels on CUDA) in the
@@ -143,7 +143,7 @@ def _interleave(fns: dict, device: torch.device, seconds: float, min_pairs: int,
 def _wait_for_kernels() -> None:
     """Block until the compiled loops' background compilations (GPU: fused_loops, CPU:
     cpu_loops) have finished (2 minutes at most each)."""
-    from torch_handler import cpu_loops, fused_loops
+    from torch_handler.recurrent import cpu_loops, fused_loops
 
     for loops in (fused_loops, cpu_loops):
         if not loops.wait(timeout=120):
@@ -267,7 +267,7 @@ def check_fused(modules, sizes: dict, device: torch.device, seed: int, quick: bo
     ``sum(m * (x - x_ref)) = sum(out) - sum(out_ref)``, relative to the largest output total.
     Sizes: the grid's T with 128 rows, and the long cell."""
     import torch_handler
-    from torch_handler import fused_loops
+    from torch_handler.recurrent import fused_loops
 
     rows = []
     shapes = [(sizes["T"], 128), (LONG["T"], LONG["batch"])] if not quick else [(sizes["T"], 4)]

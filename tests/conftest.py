@@ -24,6 +24,6 @@ def compiled_cpu_loops():
     background compilation would finish during the first tests, which would run the eager
     loops instead: the same rule, but not the same code from one run to the next).
     tests/test_cpu_loops.py compares the two element-wise."""
-    from torch_handler import cpu_loops
+    from torch_handler.recurrent import cpu_loops
 
     cpu_loops.load(timeout=300)

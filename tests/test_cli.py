@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import TOLERANCE
 
-from torch_handler import cli
+from torch_handler.demo import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("lstm-deepshap")
-    return [found] if found else [sys.executable, "-m", "torch_handler.cli"]
+    return [found] if found else [sys.executable, "-m", "torch_handler.demo.cli"]
 
 
 def test_demo_command_is_exact_and_writes_pngs(tmp_path):

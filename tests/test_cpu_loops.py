@@ -1,4 +1,4 @@
-"""The compiled CPU loops (torch_handler/cpu_loops.py, cpu_kernels.c) against the eager rule.
+"""The compiled CPU loops (torch_handler/recurrent/cpu_loops.py, cpu_kernels.c) against the eager rule.
 
 The C functions are twins of the rules' ``step``, ``coefficients`` + ``step_factors`` and
 ``step_backward`` (every cell type): the same numbers up to rounding, checked
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 import torch_handler
-from torch_handler import cpu_loops
 from torch_handler.additivity import tolerance_for
-from torch_handler.function import _forward_loop
-from torch_handler.rules import GRURule, LSTMRule, RNNRule
+from torch_handler.recurrent import cpu_kernels, cpu_loops
+from torch_handler.recurrent.function import _forward_loop
+from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
 RULES = {"LSTM": LSTMRule, "GRU": GRURule, "RNN": lambda: RNNRule("tanh"), "RNN-relu": lambda: RNNRule("relu")}
 SHAPES = [(1, 128), (3, 37), (5, 20), (32, 64)]  # (pairs, hidden): one pair, tails, a full team
@@ -75,7 +75,7 @@ def test_forward_matches_the_step_loop(threads, kind, dtype, pairs, hidden, scal
     rule, weights, x, state0 = layer(kind, pairs, hidden, dtype, scale=scale)
     expected = eager_forward(rule, weights, x, state0)
     buffers = rule.forward_buffers(weights, x)
-    final = cpu_loops.forward(rule, weights, buffers, state0)
+    final = cpu_kernels.forward(rule, weights, buffers, state0)
     for got, want in zip(buffers, expected, strict=True):
         assert relative(got, want) <= bar(dtype)
     assert torch.equal(final[0], buffers[-1][-1])
@@ -102,7 +102,7 @@ def test_factors_match_the_rule(threads, kind, dtype, pairs, hidden, t0):
     if kind == "RNN-relu":  # both signs of a relu pair, and a pair straddling 0
         pre[:, :n, 0], pre[:, n:, 0] = 1.5, -0.5
     want = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, x.shape[0]))
-    got = cpu_loops.step_factors(rule, weights, buffers, state0, t0, x.shape[0])
+    got = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, x.shape[0])
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
@@ -140,7 +140,7 @@ def test_backward_chunks_match_the_step_loop(threads, kind, dtype, pairs, hidden
         m_h_want, m_rest_want = eager_backward(rule, weights, factors, m_state, m_z_want, grad_out, t0, t1)
         m_z = torch.zeros(t1 - t0 + 2, B, width, dtype=dtype)  # larger than the chunk, as in function.py
         m_h, m_rest = m_state[0].clone(), tuple(m.clone() for m in m_state[1:])
-        cpu_loops.backward_chunk(rule, weights, factors, m_h, m_rest, m_z, grad_out, t0, t1)
+        cpu_kernels.backward_chunk(rule, weights, factors, m_h, m_rest, m_z, grad_out, t0, t1)
         assert relative(m_z[: t1 - t0], m_z_want) <= bar(dtype)
         assert relative(m_h, m_h_want) <= bar(dtype)
         for got, want in zip(m_rest, m_rest_want, strict=True):
@@ -177,12 +177,12 @@ def test_explanations_match_the_eager_loops(threads, monkeypatch, cell, kwargs, 
             return original(*args, **kwargs)
         return call
 
-    monkeypatch.setenv(cpu_loops.ENV, "1")  # the compiled loops
+    monkeypatch.setenv(cpu_kernels.ENV, "1")  # the compiled loops
     with monkeypatch.context() as patch:
         for name in calls:
-            patch.setattr(cpu_loops, name, counting(name, getattr(cpu_loops, name)))
+            patch.setattr(cpu_kernels, name, counting(name, getattr(cpu_kernels, name)))
         grad, per_row = explain(module, x)
-    monkeypatch.setenv(cpu_loops.ENV, "0")  # the eager loops
+    monkeypatch.setenv(cpu_kernels.ENV, "0")  # the eager loops
     grad_eager, per_row_eager = explain(module, x)
     layers = 2 * (2 if kwargs.get("bidirectional") else 1)
     assert calls["backward_chunk"] >= layers  # every layer's backward ran compiled
@@ -199,16 +199,16 @@ def test_the_loops_serve_only_what_they_compile(monkeypatch):
     opt-out."""
     rule, weights, x, _ = layer("LSTM", 1, 8, torch.float32)
     cpu = torch.device("cpu")
-    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is True
-    assert cpu_loops.enabled(rule, weights, 2, torch.device("cuda"), torch.float32, None) is False
-    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float16, None) is False
-    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, torch.ones(9, 2, dtype=torch.bool)) is False
-    assert cpu_loops.enabled(rule, weights, 4096, cpu, torch.float32, None) is True  # small weights: any batch
+    assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float32, None) is True
+    assert cpu_kernels.enabled(rule, weights, 2, torch.device("cuda"), torch.float32, None) is False
+    assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float16, None) is False
+    assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float32, torch.ones(9, 2, dtype=torch.bool)) is False
+    assert cpu_kernels.enabled(rule, weights, 4096, cpu, torch.float32, None) is True  # small weights: any batch
     big = layer("LSTM", 1, 512, torch.float32)[1]  # 4 MiB of recurrent weights
-    assert big.w_hh.numel() * 4 > cpu_loops.MAX_WEIGHT_BYTES
-    assert cpu_loops.enabled(rule, big, cpu_loops.MAX_ROWS, cpu, torch.float32, None) is True
-    assert cpu_loops.enabled(rule, big, cpu_loops.MAX_ROWS + 2, cpu, torch.float32, None) is False
+    assert big.w_hh.numel() * 4 > cpu_kernels.MAX_WEIGHT_BYTES
+    assert cpu_kernels.enabled(rule, big, cpu_kernels.MAX_ROWS, cpu, torch.float32, None) is True
+    assert cpu_kernels.enabled(rule, big, cpu_kernels.MAX_ROWS + 2, cpu, torch.float32, None) is False
     projected = rule.weights(torch.randn(32, 3), torch.randn(32, 4), None, None, torch.randn(4, 8))
-    assert cpu_loops.enabled(rule, projected, 2, cpu, torch.float32, None) is False
-    monkeypatch.setenv(cpu_loops.ENV, "0")
-    assert cpu_loops.enabled(rule, weights, 2, cpu, torch.float32, None) is False
+    assert cpu_kernels.enabled(rule, projected, 2, cpu, torch.float32, None) is False
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float32, None) is False

@@ -13,9 +13,9 @@ from torch import nn
 
 import torch_handler
 from torch_handler import AdditivityError, DoubledBatchError, UnsupportedConfigurationError
-from torch_handler.interception import UnsupportedOpWarning
-from torch_handler.mode import is_active
-from torch_handler.registry import TORCH_FORWARD
+from torch_handler.errors import UnsupportedOpWarning
+from torch_handler.explanation import is_active
+from torch_handler.recurrent.registry import TORCH_FORWARD
 
 
 class Classifier(nn.Module):

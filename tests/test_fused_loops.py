@@ -1,4 +1,4 @@
-"""The fused loops (torch_handler/fused_loops.py) against the eager loops, element-wise.
+"""The fused loops (torch_handler/recurrent/fused_loops.py) against the eager loops, element-wise.
 
 The kernels are compiled twins of the rules' ``step`` / ``step_backward``: the same numbers up
 to float32 rounding, for every cell type, batch size (one program and several), hidden size
@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-import torch_handler.fused_loops as fused_loops
+import torch_handler.recurrent.fused_loops as fused_loops
 from torch_handler.additivity import tolerance_for
 
 CASES = [
@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(
     import torch
     from torch import nn
     import torch_handler
-    from torch_handler import fused_loops
+    from torch_handler.recurrent import fused_loops
 
     calls = {"forward": 0, "backward_chunk": 0}
     for name in calls:
@@ -128,7 +128,7 @@ def test_fused_loops_serve_only_what_they_compile():
     """Everything else takes the eager loop: a mask (packed sequences), a projection, a hidden
     size above one tile, a short sequence, float64, a CPU tensor outside the interpreter, the
     opt-out."""
-    from torch_handler.rules import GRURule, LSTMRule
+    from torch_handler.recurrent.rules import GRURule, LSTMRule
 
     def weights(rule, H, proj=None):
         w_ih, w_hh = torch.randn(4 * H, 3), torch.randn(4 * H, proj or H)
@@ -153,7 +153,7 @@ def test_compilation_runs_in_the_background_and_failures_leave_the_eager_loop(mo
     warns once and leaves that variant to the eager loop for good."""
     import threading
 
-    from torch_handler.rules import LSTMRule
+    from torch_handler.recurrent.rules import LSTMRule
 
     release = threading.Event()
     compiled = []

@@ -19,11 +19,11 @@ from helpers import TOLERANCE
 from torch import nn
 
 import torch_handler
-from torch_handler import batch_axis as ba
-from torch_handler import interception
-from torch_handler.batch_axis import Axis
-from torch_handler.errors import DoubledBatchError
-from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning, from_pairs, to_pairs
+from torch_handler.errors import DoubledBatchError, UnsupportedOpError, UnsupportedOpWarning
+from torch_handler.ops.interception import batch_axis as ba
+from torch_handler.ops.interception import context, function_mode
+from torch_handler.ops.interception.batch_axis import Axis
+from torch_handler.ops.interception.function import from_pairs, to_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -371,7 +371,7 @@ def test_nothing_is_left_behind():
     assert all(getattr(owner, name) is engine for (owner, name), engine in zip(seams, engines, strict=True))
     assert not torch_module._global_forward_pre_hooks and not torch_module._global_forward_hooks
     assert {name: set(vars(m)) for name, m in model.named_modules()} == state
-    assert interception.current() is None
+    assert context.current() is None
 
 
 def test_an_engine_without_its_seam_is_refused_and_nothing_is_wrapped(monkeypatch):
@@ -522,7 +522,7 @@ def test_every_ruled_op_is_exact_in_strict_mode(head, batch_first, dtype):
 
 def test_without_redispatch_composites_are_reported_not_silently_wrong(monkeypatch):
     # torch < 2.13 has no torch.overrides.redispatch_function to step into Python composites.
-    monkeypatch.setattr(interception, "_HAS_REDISPATCH", False)
+    monkeypatch.setattr(function_mode, "_HAS_REDISPATCH", False)
     model = MHAHead(batch_first=True, need_weights=True).double().eval()
     x, r = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.warns(UnsupportedOpWarning, match="`multi_head_attention_forward`.*torch >= 2.13"):

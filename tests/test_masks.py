@@ -35,8 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_handler
-from torch_handler.errors import AdditivityError, DoubledBatchError
-from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning
+from torch_handler.errors import AdditivityError, DoubledBatchError, UnsupportedOpError, UnsupportedOpWarning
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -342,7 +341,7 @@ def test_a_mask_that_lost_the_batch_names_the_op_that_lost_it():
 # --- item 6: AdditivityError's advice applies to the culprit ------------------------------------
 
 
-class FunctionalAbsHead(nn.Module):
+class FunctionalLog1pHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.lstm = nn.LSTM(4, 6, batch_first=True)
@@ -350,22 +349,23 @@ class FunctionalAbsHead(nn.Module):
 
     def forward(self, x):
         h, _ = self.lstm(x.transpose(1, 2))
-        return self.out(torch.abs(h[:, -1]))
+        return self.out(torch.log1p(h[:, -1]))
 
 
-def test_additivity_error_gives_a_fix_that_applies_to_abs():
-    """abs has no module form: the advice is an exact rewrite with ops that have rules."""
+def test_additivity_error_gives_a_fix_that_applies_to_log1p():
+    """log1p has no rule and no module form: the advice is an exact rewrite with ops that have
+    rules."""
     model, _, _ = setup("masked_mean_any", torch.float64, [1], [1])
     torch.manual_seed(0)
-    model = FunctionalAbsHead().double().eval()
+    model = FunctionalLog1pHead().double().eval()
     g = torch.Generator().manual_seed(1)
     X, references = one_hot([10, 10], g, torch.float64), one_hot([10, 10, 10], g, torch.float64)
-    with pytest.warns(UnsupportedOpWarning, match=r"`abs` in FunctionalAbsHead\.forward.*relu\(x\) \+ relu\(-x\)"):
+    with pytest.warns(UnsupportedOpWarning, match=r"`log1p` in FunctionalLog1pHead\.forward.*log\(1 \+ x\)"):
         with pytest.raises(AdditivityError) as raised:
             explain(model, references, X)
     message = str(raised.value)
-    assert "Likely culprits: functional abs in FunctionalAbsHead.forward." in message
-    assert "Fix for abs in FunctionalAbsHead.forward: " in message and "relu(x) + relu(-x)" in message
+    assert "Likely culprits: functional log1p in FunctionalLog1pHead.forward." in message
+    assert "Fix for log1p in FunctionalLog1pHead.forward: " in message and "log(1 + x)" in message
     assert "nn.Module form" not in message
 
 
@@ -378,7 +378,7 @@ def test_additivity_message_without_reports_has_no_stale_advice():
         0.1,
         1e-10,
         np.float64,
-        Diagnosis(None, ["functional abs in Head.forward"], {}),
+        Diagnosis(None, ["functional amin in Head.forward"], {}),
     )
-    assert "Likely culprits: functional abs in Head.forward." in message
-    assert "nn.Module form" not in message and "relu(x) + relu(-x)" in message
+    assert "Likely culprits: functional amin in Head.forward." in message
+    assert "nn.Module form" not in message and "-amax(-x, d)" in message

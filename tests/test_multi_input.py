@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Setting forward, backward hooks:UserWarning"),
     pytest.mark.filterwarnings("ignore:Input Tensor [0-9]+ did not already require:UserWarning"),
     # every op after the join has a rule: a warning about one without would be a failure
-    pytest.mark.filterwarnings("error::torch_handler.interception.UnsupportedOpWarning"),
+    pytest.mark.filterwarnings("error::torch_handler.errors.UnsupportedOpWarning"),
 ]
 
 DTYPES = [torch.float64, torch.float32]

@@ -20,7 +20,8 @@ from tangermeme.deep_lift_shap import deep_lift_shap
 from torch import nn
 
 import torch_handler
-from torch_handler import DoubledBatchError, NonFiniteError, cpu_loops
+from torch_handler import DoubledBatchError, NonFiniteError
+from torch_handler.recurrent import cpu_kernels, cpu_loops
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -92,7 +93,7 @@ ENGINES = _engines()
 @pytest.fixture(params=["compiled", "eager"])
 def loops(request, monkeypatch):
     """Both forward paths of the rule: the compiled CPU loops and the eager torch loops."""
-    monkeypatch.setenv(cpu_loops.ENV, "1" if request.param == "compiled" else "0")
+    monkeypatch.setenv(cpu_kernels.ENV, "1" if request.param == "compiled" else "0")
     if request.param == "compiled":
         cpu_loops.load(timeout=300)
     return request.param
@@ -119,11 +120,11 @@ def test_an_overflowing_input_projection_raises_naming_the_module(kind, engine, 
 def test_the_compiled_loops_serve_the_overflow_test():
     # The "compiled" case above is only a test of the compiled loops if they take the layer.
     model = overflowing("LSTM")
-    from torch_handler.rules import LSTMRule
+    from torch_handler.recurrent.rules import LSTMRule
 
     weights = LSTMRule.weights(*(p.detach() for p in model.rec.parameters()))
     cpu_loops.load(timeout=300)
-    assert cpu_loops.enabled(LSTMRule(), weights, 4, torch.device("cpu"), torch.float32, None)
+    assert cpu_kernels.enabled(LSTMRule(), weights, 4, torch.device("cpu"), torch.float32, None)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])

@@ -1,6 +1,6 @@
 """Packaging: one definition of each tested range, a handler without JAX, CI's sets.
 
-``torch_handler/versions.py`` is the one definition of the tested ranges; pyproject.toml's
+``torch_handler/engines/versions.py`` is the one definition of the tested ranges; pyproject.toml's
 lower bounds, the constraint files CI installs and docs/versions.md must agree with it. The
 wheel itself is built and installed without JAX by ``.ci/run`` (``.ci/check_wheel.py``).
 """
@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from torch_handler.versions import TESTED
+from torch_handler.engines.versions import TESTED
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -12,9 +12,9 @@ from torch import nn
 
 import torch_handler
 from torch_handler import UnsupportedConfigurationError
-from torch_handler.mode import is_active
-from torch_handler.registry import TORCH_FORWARD
-from torch_handler.rules import rescale_relu, rescale_sigmoid, rescale_tanh
+from torch_handler.explanation import is_active
+from torch_handler.recurrent.registry import TORCH_FORWARD
+from torch_handler.recurrent.rules import rescale_relu, rescale_sigmoid, rescale_tanh
 
 EPS = torch.finfo(torch.float64).eps
 TINY = torch.finfo(torch.float64).tiny

@@ -22,8 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import torch_handler
 from torch_handler import AdditivityError, DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
 from torch_handler.additivity import check_additivity
-from torch_handler.interception import UnsupportedOpWarning
-from torch_handler.mode import is_active
+from torch_handler.errors import UnsupportedOpWarning
+from torch_handler.explanation import is_active
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -131,7 +131,7 @@ def test_non_finite_multipliers_from_downstream_name_the_module_they_reach():
 def test_non_finite_multipliers_computed_by_the_rule_name_the_module(monkeypatch):
     # A rule whose backward breaks down (overflow in the coefficients) stands in for values
     # that are finite forward and non-finite backward.
-    from torch_handler import modules
+    from torch_handler.recurrent import modules
 
     rule_function = modules.RecurrentRuleFunction
 
@@ -160,7 +160,7 @@ def test_non_finite_multipliers_computed_by_the_rule_name_the_module(monkeypatch
     ],
 )
 def test_all_finite_is_exact(values, finite):
-    from torch_handler.modules import all_finite
+    from torch_handler.recurrent.modules import all_finite
 
     assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
 
@@ -416,10 +416,10 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_named_as_such():
 
 # Functional calls without a DeepLIFT rule (calls with a rule, such as torch.tanh or a product
 # of two input-dependent tensors, are exact inside deeplift_mode and are not culprits).
-class FunctionalAbs(Classifier):
+class FunctionalCumprod(Classifier):
     def forward(self, x):
         out, _ = self.lstm(x)
-        return self.head(torch.abs(3.0 * out[:, -1]))
+        return self.head(torch.cumprod(3.0 * out[:, -1], dim=-1))
 
 
 class RunningMinimum(Classifier):
@@ -431,7 +431,7 @@ class RunningMinimum(Classifier):
 @pytest.mark.parametrize(
     "model_class, culprit",
     [
-        (FunctionalAbs, "functional abs in FunctionalAbs.forward"),
+        (FunctionalCumprod, "functional cumprod in FunctionalCumprod.forward"),
         (RunningMinimum, "functional amin in RunningMinimum.forward"),
     ],
 )
@@ -453,9 +453,9 @@ def test_an_op_without_a_rule_is_named_as_such(model_class, culprit, dtype):
 
 
 def test_every_table_derives_from_the_registry():
-    from torch_handler.modules import deeplift_forward_for, rule_for
-    from torch_handler.registry import REGISTRY
-    from torch_handler.shap_integration import OP_HANDLERS
+    from torch_handler.engines.shap import OP_HANDLERS
+    from torch_handler.recurrent.modules import deeplift_forward_for, rule_for
+    from torch_handler.recurrent.registry import REGISTRY
 
     assert torch_handler.SUPPORTED_MODULES == tuple(entry.cls for entry in REGISTRY)
     assert list(OP_HANDLERS) == [entry.cls.__name__ for entry in REGISTRY]

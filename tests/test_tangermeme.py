@@ -41,7 +41,7 @@ from tangermeme.utils import random_one_hot
 from torch import nn
 
 import torch_handler
-from torch_handler.mode import is_active
+from torch_handler.explanation import is_active
 
 BAR = TOLERANCE  # the project's one definition of "exact" (torch_handler.additivity)
 DTYPES = [torch.float64, torch.float32]

@@ -14,7 +14,7 @@ from captum.attr import DeepLift
 from torch import nn
 
 import torch_handler
-from torch_handler.mode import current_explanation, is_active
+from torch_handler.explanation import current_explanation, is_active
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

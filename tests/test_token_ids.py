@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import shap
 import torch
 from captum.attr import DeepLift
 from helpers import TOLERANCE, additivity_error, explain, model_state

@@ -1,4 +1,4 @@
-"""The version policy (torch_handler/versions.py): each branch, through the real register().
+"""The version policy (torch_handler/engines/versions.py): each branch, through the real register().
 
 Inside the tested range silent; a newer shap warns and still explains exactly (the additivity
 check is the guard); an older shap, or one without the internals register() patches, is an
@@ -19,8 +19,8 @@ from shap.explainers._deep import deep_pytorch
 from torch import nn
 
 import torch_handler
-from torch_handler import versions
-from torch_handler.versions import (
+from torch_handler.engines import versions
+from torch_handler.engines.versions import (
     TESTED,
     UnsupportedVersionError,
     UntestedVersionWarning,

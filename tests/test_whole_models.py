@@ -33,7 +33,7 @@ from tangermeme.deep_lift_shap import deep_lift_shap
 from torch import nn
 
 import torch_handler
-from torch_handler.interception import UnsupportedOpError, UnsupportedOpWarning
+from torch_handler.errors import UnsupportedOpError, UnsupportedOpWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import whole_model_zoo as zoo  # noqa: E402
@@ -48,7 +48,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Setting forward, backward hooks:UserWarning"),
     pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require:UserWarning"),
     # every op of the zoo's heads has a rule: a warning about one without would be a failure
-    pytest.mark.filterwarnings("error::torch_handler.interception.UnsupportedOpWarning"),
+    pytest.mark.filterwarnings("error::torch_handler.errors.UnsupportedOpWarning"),
 ]
 
 

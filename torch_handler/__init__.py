@@ -10,23 +10,12 @@ Two verbs cover the engines:
 
 Explaining is private to the calling context (thread, asyncio task): other threads, copies
 and saved models keep torch's own forward. :func:`current_explanation` says what the current
-context explains. The rule for each cell type lives in :mod:`torch_handler.rules`; the
-supported classes are declared once, in :mod:`torch_handler.registry`.
+context explains. The rule for each cell type lives in :mod:`torch_handler.recurrent.rules`; the
+supported classes are declared once, in :mod:`torch_handler.recurrent.registry`.
 """
 
-from .embeddings import FromEmbeddings, from_embeddings
-from .errors import (
-    AdditivityError,
-    DoubledBatchError,
-    NonFiniteError,
-    UnsupportedConfigurationError,
-    UnsupportedOpError,
-    UnsupportedOpWarning,
-)
-from .mode import Explanation, current_explanation, deeplift_mode, recurrent_modules
-from .references import padded_references
-from .registry import REGISTRY, SUPPORTED_MODULES
-from .shap_integration import (
+from torch_handler.embeddings import FromEmbeddings, from_embeddings
+from torch_handler.engines.shap import (
     gru_cell_handler,
     gru_handler,
     is_registered,
@@ -37,7 +26,19 @@ from .shap_integration import (
     rnn_handler,
     unregister,
 )
-from .versions import UnsupportedVersionError, UntestedVersionWarning
+from torch_handler.engines.versions import UnsupportedVersionError, UntestedVersionWarning
+from torch_handler.errors import (
+    AdditivityError,
+    DoubledBatchError,
+    NonFiniteError,
+    UnsupportedConfigurationError,
+    UnsupportedOpError,
+    UnsupportedOpWarning,
+)
+from torch_handler.explanation import Explanation, current_explanation
+from torch_handler.mode import deeplift_mode, recurrent_modules
+from torch_handler.recurrent.registry import REGISTRY, SUPPORTED_MODULES
+from torch_handler.references import padded_references
 
 __version__ = "0.1.0"
 

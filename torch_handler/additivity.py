@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import AdditivityError
+from torch_handler.errors import AdditivityError
 
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
@@ -53,7 +53,7 @@ class Diagnosis(NamedTuple):
     inputs and background (None in float64, or if it could not be measured); unhandled:
     ``"name (Type): why"`` for each module that likely computes without a DeepLIFT rule, found
     by replaying the model; reported: ``{"gt in MaskedMean.forward": advice}``, the ops the
-    explanation itself reported (None: read :func:`torch_handler.interception.last_reported`).
+    explanation itself reported (None: read :func:`torch_handler.ops.interception.last_reported`).
     Reported ops, observed on the gradient's path, name the culprits when there are any.
     """
 
@@ -131,10 +131,10 @@ def failure_message(engine: str, per_sample, worst: float, tolerance: float, dty
     return head + (
         "Cause: an operation in the model has no DeepLIFT rule in this engine and got a plain "
         "gradient (the recurrent layers, and inside a recurrent model the ops of the README's "
-        "support table, functional calls included, are exact): an op such as abs, sort or "
+        "support table, functional calls included, are exact): an op such as sort, amin or "
         f"cumprod, or a module class the engine does not know.{culprits}{rounding_note} Fix: "
-        "write that operation with ops that have rules (e.g. abs(x) = relu(x) + relu(-x), "
-        "amin(x, d) = -amax(-x, d)) or keep it off the input-dependent path, or pass "
+        "write that operation with ops that have rules (e.g. amin(x, d) = -amax(-x, d), "
+        "log1p(x) = log(1 + x)) or keep it off the input-dependent path, or pass "
         "check_additivity=False to accept approximate values."
     )
 
@@ -142,7 +142,7 @@ def failure_message(engine: str, per_sample, worst: float, tolerance: float, dty
 def _last_reported() -> dict:
     """The ops the last explanation in this context reported (imported late: interception
     needs torch, this module does not)."""
-    from .interception import last_reported
+    from torch_handler.ops.interception.context import last_reported
 
     return last_reported()
 

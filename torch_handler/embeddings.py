@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedOpError, UnsupportedOpWarning
-from .mode import current_explanation
+from torch_handler.errors import UnsupportedOpError, UnsupportedOpWarning
+from torch_handler.explanation import current_explanation
 
 __all__ = ["FromEmbeddings", "from_embeddings", "token_ids"]
 

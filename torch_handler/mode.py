@@ -1,7 +1,7 @@
 """``deeplift_mode``: the one switch every engine integration goes through.
 
 Inside the context, the supported recurrent modules of the model run their DeepLIFT forward
-(:mod:`torch_handler.modules`), **for this explanation only**. Nothing is stored on the model
+(:mod:`torch_handler.recurrent.modules`), **for this explanation only**. Nothing is stored on the model
 or its modules: which modules explain is per-context state (a :class:`contextvars.ContextVar`),
 so
 
@@ -13,7 +13,7 @@ so
   the active set and take it back on exit.
 
 Mechanism. While at least one explanation is active anywhere in the process, each class of
-:data:`torch_handler.registry.REGISTRY` has its ``forward`` replaced by a small dispatcher
+:data:`torch_handler.recurrent.registry.REGISTRY` has its ``forward`` replaced by a small dispatcher
 (installed by the first explanation to start, removed by the last to end, under a lock). The
 dispatcher runs the DeepLIFT forward when the module is in the *current context's* active set
 and gradients are enabled, and torch's own forward otherwise. A class-level dispatcher rather
@@ -31,69 +31,27 @@ interception layer that must only act inside the explained model) use
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import threading
 import types
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import interception
-from .errors import UnsupportedConfigurationError
-from .modules import check_supported, deeplift_forward_for
-from .registry import REGISTRY, SUPPORTED_MODULES, TORCH_FORWARD
-
-
-class Explanation(NamedTuple):
-    """What the current context explains (see :func:`current_explanation`).
-
-    model: the root module passed to :func:`deeplift_mode`; modules: every recurrent module
-    that runs the DeepLIFT forward in this context (this explanation's and any enclosing
-    one's), mapped to its qualified name in its model (``""`` for a root); options: read-only
-    settings of this explanation (empty today; the place where integrations record theirs);
-    parent: the enclosing explanation in this context, or None.
-    """
-
-    model: nn.Module
-    modules: Mapping[nn.Module, str]
-    options: Mapping[str, object]
-    parent: Explanation | None
-
-
-_current: contextvars.ContextVar[Explanation | None] = contextvars.ContextVar(
-    "torch_handler_explanation", default=None
-)
-
-
-def current_explanation() -> Explanation | None:
-    """The innermost explanation active in the calling context, or None outside any.
-
-    Per context (thread, asyncio task): another thread running the same model gets None.
-    """
-    return _current.get()
+from torch_handler.engines import hooks as engine_hooks
+from torch_handler.errors import UnsupportedConfigurationError
+from torch_handler.explanation import Explanation, _current
+from torch_handler.ops.interception.context import intercepting
+from torch_handler.recurrent.modules import check_supported, deeplift_forward_for
+from torch_handler.recurrent.registry import REGISTRY, SUPPORTED_MODULES, TORCH_FORWARD
 
 
 def recurrent_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` (itself included) that the rule handles."""
     return [m for m in model.modules() if isinstance(m, SUPPORTED_MODULES)]
-
-
-def is_active(module: nn.Module) -> bool:
-    """Whether ``module`` runs its DeepLIFT forward in the calling context."""
-    explanation = _current.get()
-    return explanation is not None and module in explanation.modules
-
-
-def module_label(module: nn.Module) -> str:
-    """``"name (Type)"`` of a module of the current explanation (``"Type"`` outside one)."""
-    explanation = _current.get()
-    name = explanation.modules.get(module) if explanation is not None else None
-    return f"{name} ({type(module).__name__})" if name else type(module).__name__
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +310,7 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
 
     Around the recurrent modules, the ops of the model's own forward (functional calls,
     nn.MultiheadAttention, norms, gates) run exact rules too
-    (:mod:`torch_handler.interception`); an op without a rule on input-dependent tensors is
+    (:mod:`torch_handler.ops.interception`); an op without a rule on input-dependent tensors is
     named in an ``UnsupportedOpWarning``, or raises ``UnsupportedOpError`` with
     ``strict=True`` (an enclosing explanation's ``strict=True`` carries into nested ones, such
     as ``register()``'s shap wrapper). A model without recurrent modules is left to the
@@ -372,8 +330,8 @@ def deeplift_mode(model: nn.Module, strict: bool = False) -> Iterator[nn.Module]
     with _explaining(model, names, {"strict": True} if strict else {}):
         snapshot = ModelSnapshot(model)
         try:
-            # --- interception of the ops around the recurrent modules (torch_handler.interception)
-            with interception.intercepting(model, list(names), strict=strict):
+            # --- interception of the ops around the recurrent modules (torch_handler.ops.interception)
+            with intercepting(model, list(names), strict=strict, engine_hooks=engine_hooks):
                 yield model
             # --- end interception
         except BaseException:

@@ -121,3 +121,46 @@ def _vector_norm_rule(m, actual, reference, dim=None, keepdim=False):
     n_r = jnp.sqrt(jnp.sum(x_r * x_r, axis=axes_all, keepdims=True))
     m = m if keepdim else jnp.expand_dims(m, axes_all)
     return (m / (n_a + n_r) * (x_a + x_r),)
+
+
+def _all_axes(dim, ndim: int) -> tuple[int, ...]:
+    axes = _dims(dim)
+    return tuple(range(ndim)) if axes is None else axes
+
+
+def _var(x, dim=None, correction=1, keepdim=False):
+    return jnp.var(x, axis=_dims(dim), ddof=correction, keepdims=keepdim)
+
+
+def _centred_square_backward(m, x_a, x_r, axes, correction):
+    """``v = Σ (x − mean x)² / (n − correction)`` over ``axes``, backwards to ``x``: the square's
+    Rescale factor ``xc_a + xc_r``, then the centring's VJP ``g − mean(g)``."""
+    n = math.prod(x_a.shape[i] for i in axes)
+    xc_a = x_a - jnp.mean(x_a, axis=axes, keepdims=True)
+    xc_r = x_r - jnp.mean(x_r, axis=axes, keepdims=True)
+    g = m * (xc_a + xc_r) / (n - correction)
+    return g - jnp.mean(g, axis=axes, keepdims=True)
+
+
+def _var_rule(m, actual, reference, dim=None, correction=1, keepdim=False):
+    """centring (linear), square (Rescale ``xc_a + xc_r``), the scaled sum (linear)."""
+    (x_a,), (x_r,) = actual, reference
+    axes = _all_axes(dim, x_a.ndim)
+    m = m if keepdim else jnp.expand_dims(m, axes)
+    return (_centred_square_backward(m, x_a, x_r, axes, correction),)
+
+
+def _std(x, dim=None, correction=1, keepdim=False):
+    return jnp.std(x, axis=_dims(dim), ddof=correction, keepdims=keepdim)
+
+
+def _std_rule(m, actual, reference, dim=None, correction=1, keepdim=False):
+    """``sqrt(var)``: sqrt Rescale ``m_v = m/(√v_a + √v_r)`` (0 where both variances are 0, Δy = 0
+    there), then the var rule."""
+    (x_a,), (x_r,) = actual, reference
+    axes = _all_axes(dim, x_a.ndim)
+    m = m if keepdim else jnp.expand_dims(m, axes)
+    s_a = jnp.std(x_a, axis=axes, ddof=correction, keepdims=True)
+    total = s_a + jnp.std(x_r, axis=axes, ddof=correction, keepdims=True)
+    m_v = jnp.where(total > 0, m / jnp.where(total > 0, total, 1.0), 0.0)
+    return (_centred_square_backward(m_v, x_a, x_r, axes, correction),)

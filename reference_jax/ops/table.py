@@ -275,6 +275,10 @@ OP_SPECS: dict[str, OpSpec] = {
         jnp.square, u._square_factor, [elementwise("square", ["wide"])],
         lambda mp, p: lambda x: x * x, [MpCheck({}, (-5.0, 0.0, 3.0))],
     ),
+    "abs": unary(
+        jnp.abs, u._abs_factor, [elementwise("abs", ["wide"])],
+        _mp_piecewise(abs), [MpCheck({}, (-3.0, 0.0, 1e-7, 2.0))],
+    ),
     "clamp": unary(
         u._clamp, u._clamp_factor,
         [elementwise("clamp", ["real"], min=-0.5, max=0.8), elementwise("clamp_max", ["real"], max=0.3),
@@ -335,6 +339,14 @@ OP_SPECS: dict[str, OpSpec] = {
                       [shaped("vector_norm", [(3, 5)], [(4, 2, 3)], dim=-1),
                        shaped("vector_norm_all", [(3, 5)], [(4, 2, 3)], dim=None, keepdim=False),
                        shaped("vector_norm_two_dims_keepdim", [(3, 5)], [(4, 2, 3)], dim=(-2, -1), keepdim=True)]),
+    "var": op(("x",), norms._var, norms._var_rule, "norm",
+              [shaped("var", [(3, 5)], [(4, 2, 3)], dim=-1),
+               shaped("var_biased_keepdim", [(2, 3, 5)], [(4, 2, 3)], dim=-2, correction=0, keepdim=True),
+               shaped("var_two_dims", [(3, 5)], [(4, 2, 3)], dim=(-2, -1))]),
+    "std": op(("x",), norms._std, norms._std_rule, "norm",
+              [shaped("std", [(3, 5)], [(4, 2, 3)], dim=-1),
+               shaped("std_biased_keepdim", [(2, 3, 5)], [(4, 2, 3)], dim=-2, correction=0, keepdim=True),
+               shaped("std_two_dims", [(3, 5)], [(4, 2, 3)], dim=(-2, -1))]),
     # -- others ---------------------------------------------------------------------------------
     "glu": op(("x",), glu._glu, glu._glu_rule, "gate",
               [shaped("glu", [(3, 6)], [(4, 2, 2)], dim=-1), shaped("glu_dim-2", [(4, 3)], [(2, 6, 2)], dim=-2)]),

@@ -64,6 +64,11 @@ def _clamp_factor(a, r, min=None, max=None):  # noqa: A002
     return _difference_quotient(_clamp(a, min, max), _clamp(r, min, max), a, r, inside)
 
 
+def _abs_factor(a, r):
+    # Slopes −1 and 1 only: the plain quotient is exact. torch: derivative sign(x), 0 at 0.
+    return _difference_quotient(jnp.abs(a), jnp.abs(r), a, r, jnp.sign(a))
+
+
 def _relu6(x):
     return jnp.clip(x, 0.0, 6.0)
 

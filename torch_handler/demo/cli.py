@@ -15,26 +15,10 @@ import argparse
 import importlib.util
 import sys
 
+from torch_handler.demo.devices import resolve_device
+
 DEMO_PACKAGES = ("shap", "statsmodels", "matplotlib", "tqdm")
 """Imported by the demo and not by the handler: the ``[demo]`` extra."""
-
-
-def resolve_device(name: str):
-    """``torch.device(name)``, or exit with a clear message when CUDA is asked for and absent.
-
-    Shared by this command, :mod:`torch_handler.demo` and the benchmarks.
-    """
-    import torch
-
-    if name not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device must be cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "error: --device cuda requested but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__} built {'with' if torch.version.cuda else 'without'} "
-            "CUDA). Use --device cpu, or install a CUDA build of torch on a machine with a GPU."
-        )
-    return torch.device(name)
 
 
 def missing_demo_packages() -> list[str]:
@@ -94,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as error:
         print(f"lstm-deepshap: {error}", file=sys.stderr)
         return 2
-    from . import demo
+    from torch_handler import demo
 
     return int(demo.main(demo_argv(args)) or 0)
 

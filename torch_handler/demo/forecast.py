@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .additivity import tolerance_for
-from .cli import resolve_device
+from torch_handler.additivity import tolerance_for
+from torch_handler.demo.devices import resolve_device
 
 WINDOW = 8  # quarters of history the model sees
 TRAIN_FRACTION = 0.75
@@ -230,7 +230,7 @@ def _explain(model, data, samples, background, seed, device, progress):
     import shap
     from tqdm.auto import tqdm
 
-    from . import register
+    from torch_handler import register
 
     register()
     rng = np.random.default_rng(seed)

@@ -2,7 +2,7 @@
 
 An engine's backward hook on a module *replaces* the gradient the module's internals produced.
 Inside an explained recurrent model, the ops inside ``nn.Softmax``, ``nn.LayerNorm``,
-``nn.GELU``, ... already run exact rules (:mod:`torch_handler.interception`), so the engines'
+``nn.GELU``, ... already run exact rules (:mod:`torch_handler.ops.interception`), so the engines'
 rules for those modules (shap's ``op_handler``, Captum's ``SUPPORTED_NON_LINEAR``, tangermeme's
 ``_NON_LINEAR_OPS``) must not run there: they split dim 0 in half whatever the layout and
 some fall back to plain gradients for small differences.
@@ -28,7 +28,8 @@ import threading
 
 from torch import nn
 
-from .interception import current, rule_table
+from torch_handler.ops.interception.context import current
+from torch_handler.ops.table import OP_RULES
 
 _lock = threading.Lock()
 
@@ -92,8 +93,7 @@ def handles_internals(module: nn.Module) -> bool:
         needed = ("einsum", "matmul")
     if needed is None:
         return False
-    table = rule_table()
-    return all(name in table for name in needed)
+    return all(name in OP_RULES for name in needed)
 
 
 def _explained_member(module: nn.Module):
@@ -204,7 +204,7 @@ def _seams():
 
 
 def _shap_seam():
-    from .versions import require_attributes
+    from torch_handler.engines.versions import require_attributes
 
     try:
         from shap.explainers._deep import deep_pytorch
@@ -215,7 +215,7 @@ def _shap_seam():
 
 
 def _captum_seam():
-    from .versions import check_version, require_attributes
+    from torch_handler.engines.versions import check_version, require_attributes
 
     try:
         import captum
@@ -228,7 +228,7 @@ def _captum_seam():
 
 
 def _tangermeme_seam():
-    from .versions import check_version, require_attributes
+    from torch_handler.engines.versions import check_version, require_attributes
 
     try:
         import tangermeme

@@ -3,7 +3,7 @@
 ``register()`` changes four things in ``shap.explainers._deep.deep_pytorch``, and
 ``unregister()`` puts each back exactly as it found it:
 
-1. ``op_handler[name]`` for each class of :data:`torch_handler.registry.REGISTRY` (LSTM,
+1. ``op_handler[name]`` for each class of :data:`torch_handler.recurrent.registry.REGISTRY` (LSTM,
    LSTMCell, GRU, GRUCell, RNN, RNNCell), so shap recognises the modules (no "unrecognized
    nn.Module" warning). The handlers pass gradients through: the multipliers are already
    DeepLIFT multipliers, computed by the autograd Function the module runs while shap explains.
@@ -34,11 +34,12 @@ import warnings
 import numpy as np
 import torch
 
-from .additivity import Diagnosis, check_additivity
-from .mode import ModelSnapshot, check_torchscript, deeplift_mode, is_active, recurrent_modules
-from .modules import check_finite, check_supported
-from .registry import REGISTRY, SUPPORTED_MODULES
-from .versions import TESTED, shap_deep_pytorch
+from torch_handler.additivity import Diagnosis, check_additivity
+from torch_handler.engines.versions import TESTED, shap_deep_pytorch
+from torch_handler.explanation import is_active
+from torch_handler.mode import ModelSnapshot, check_torchscript, deeplift_mode, recurrent_modules
+from torch_handler.recurrent.modules import check_finite, check_supported
+from torch_handler.recurrent.registry import REGISTRY, SUPPORTED_MODULES
 
 SUPPORTED_SHAP = TESTED["shap"].specifier
 _MISSING = object()
@@ -96,7 +97,7 @@ rnn_handler = _BY_NAME["rnn_handler"]
 
 
 def _deep_pytorch():
-    """shap's PyTorch backend after the version policy of :mod:`torch_handler.versions`."""
+    """shap's PyTorch backend after the version policy of :mod:`torch_handler.engines.versions`."""
     return shap_deep_pytorch()
 
 
@@ -153,7 +154,7 @@ def _functional_calls(model, inputs, op_handler) -> list[str]:
     found: dict[str, None] = {}  # ordered set
 
     # --- calls that run a rule inside an explained recurrent model are not culprits
-    from .interception import handles_call
+    from torch_handler.ops.interception.function_mode import handles_call
 
     ruled = handles_call if any(isinstance(m, SUPPORTED_MODULES) for m in model.modules()) else (lambda name: False)
     # --- end
@@ -348,9 +349,9 @@ def register() -> None:
     """Make ``shap.DeepExplainer`` exact for PyTorch models with recurrent layers.
 
     Idempotent and thread-safe. Raises ImportError without shap and
-    :class:`~torch_handler.versions.UnsupportedVersionError` (a RuntimeError) for a shap older
+    :class:`~torch_handler.engines.versions.UnsupportedVersionError` (a RuntimeError) for a shap older
     than tested or without the internals it patches; warns for a newer one
-    (:mod:`torch_handler.versions`). Undo with :func:`unregister`.
+    (:mod:`torch_handler.engines.versions`). Undo with :func:`unregister`.
     """
     global _saved
     with _lock:

@@ -14,7 +14,7 @@ per-step lists to stack, no per-step temporaries for the gates), and in backward
 coefficients computed a chunk of steps at a time, with one matmul per chunk for the input
 multipliers. A single cell step is the same Function with ``T = 1``, so cells and sequences
 share one code path. The step loops run compiled where they can (C on CPUs,
-:mod:`torch_handler.cpu_loops`; Triton kernels on GPUs, :mod:`torch_handler.fused_loops`) and
+:mod:`torch_handler.recurrent.cpu_loops`; Triton kernels on GPUs, :mod:`torch_handler.recurrent.fused_loops`) and
 as the eager loops below otherwise: the same rule, the same results to rounding.
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_loops, fused_loops
-from .errors import NonFiniteError
+from torch_handler.errors import NonFiniteError
+from torch_handler.recurrent import cpu_kernels, fused_loops
 
 
 def _split_pairs(t: Tensor) -> Tensor:
@@ -59,7 +59,7 @@ def chunk_steps(steps: int, pairs: int, width: int, fused: bool = False) -> int:
 class RecurrentRuleFunction(torch.autograd.Function):
     """``apply(rule, weights, mask, x, *state0) -> (out, *state_n)``.
 
-    rule: an object from :mod:`torch_handler.rules`; weights: its weights tuple (detached
+    rule: an object from :mod:`torch_handler.recurrent.rules`; weights: its weights tuple (detached
     tensors: under DeepLIFT parameter "gradients" would be meaningless, so none are
     produced); mask: None or a bool (T, B) tensor, False where a (packed) sequence has ended
     (a suffix of each row: the state then passes through unchanged); x: (T, B, I) on the
@@ -77,8 +77,8 @@ class RecurrentRuleFunction(torch.autograd.Function):
         fused = fused_loops.enabled(rule, weights, x, mask)
         if fused:
             state = fused_loops.forward(rule, weights, buffers, state0)
-        elif cpu_loops.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
-            state = cpu_loops.forward(rule, weights, buffers, state0)
+        elif cpu_kernels.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
+            state = cpu_kernels.forward(rule, weights, buffers, state0)
         else:
             state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
         check_finite_buffers(buffers)
@@ -121,12 +121,12 @@ class RecurrentRuleFunction(torch.autograd.Function):
         m_z_chunk = buffers[0].new_empty(tau, B, width)
         # A chunk's step loop: one fused GPU kernel, one compiled CPU call, or eager torch ops.
         compiled = fused_loops if ctx.fused else None
-        if compiled is None and cpu_loops.enabled(rule, weights, B, m_h.device, m_h.dtype, mask):
-            compiled = cpu_loops
+        if compiled is None and cpu_kernels.enabled(rule, weights, B, m_h.device, m_h.dtype, mask):
+            compiled = cpu_kernels
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
-            if compiled is cpu_loops:
-                coeffs = cpu_loops.step_factors(rule, weights, buffers, state0, t0, t1)
+            if compiled is cpu_kernels:
+                coeffs = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, t1)
             else:
                 coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
             if compiled is not None:
@@ -179,7 +179,7 @@ def check_finite_buffers(buffers) -> None:
     The outputs alone do not show every overflow: saturating gates turn an infinite
     pre-activation (float32 ``W_ih x`` of large inputs or weights) into finite outputs, whose
     Rescale multipliers are then 0 (or NaN), and the attributions silently all zero. The
-    caller (:mod:`torch_handler.modules`) adds the module's name.
+    caller (:mod:`torch_handler.recurrent.modules`) adds the module's name.
     """
     for buffer in buffers:
         if not all_finite(buffer):

@@ -1,6 +1,6 @@
 """The rule's step loops compiled into one GPU kernel per layer (Triton), where it pays.
 
-Why: on a GPU the eager step loop of :mod:`torch_handler.function` launches about ten small
+Why: on a GPU the eager step loop of :mod:`torch_handler.recurrent.function` launches about ten small
 kernels per time step (seven forward, three backward), and at 5-10 µs of launch cost each the
 launches, not the arithmetic, set the time: 10-50x cuDNN's fused RNN kernels. Here one kernel
 runs a whole layer's forward loop, and one a whole backward chunk's loop: each program owns a
@@ -17,7 +17,7 @@ an H200 with an empty Triton cache, a fraction of a second once its on-disk cach
 runs the eager loop; calls after it has finished get the fused loops. :func:`wait` blocks until
 pending compilations are done (benchmarks use it to time the steady state).
 
-What stays in :mod:`torch_handler.rules`: everything vectorised over time (the input
+What stays in :mod:`torch_handler.recurrent.rules`: everything vectorised over time (the input
 projection, the chunk's rule coefficients ``coefficients`` / ``step_factors``, the input
 multipliers' matmul). The kernels below are compiled twins of the rules' ``step`` and
 ``step_backward``, one pair per cell type; ``tests/test_fused_loops.py`` checks them against
@@ -59,7 +59,7 @@ tile of the padded hidden size (larger ones would spill)."""
 
 ENV = "LSTM_DEEPSHAP_FUSED"
 """Set to ``0`` to run the eager step loops everywhere, these GPU kernels and the compiled CPU
-loops (:mod:`torch_handler.cpu_loops`) off: to compare, or to rule the compiled code out."""
+loops (:mod:`torch_handler.recurrent.cpu_loops`) off: to compare, or to rule the compiled code out."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _ROWS = 16  # forward: batch rows per program (tl.dot needs >= 16)

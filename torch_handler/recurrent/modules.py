@@ -3,10 +3,10 @@
 While a model is in :func:`torch_handler.deeplift_mode`, each of its supported modules runs
 one of the functions below, for that explanation only (see :mod:`torch_handler.mode` for the
 dispatch): the same outputs as torch's own forward (same shapes, same
-values up to rounding), computed through :class:`~torch_handler.function.RecurrentRuleFunction`
+values up to rounding), computed through :class:`~torch_handler.recurrent.function.RecurrentRuleFunction`
 so that backward yields DeepLIFT multipliers. Layers, directions, projections, packed
 sequences and the initial states are plain tensor plumbing around that Function; the cell
-equations live only in :mod:`torch_handler.rules`.
+equations live only in :mod:`torch_handler.recurrent.rules`.
 
 With gradients disabled (``torch.no_grad()``: shap's expected-value pass, Captum's
 convergence-delta pass) the module's own forward runs: nothing to attribute, exact same values.
@@ -18,15 +18,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .errors import DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
-from .function import RecurrentRuleFunction, all_finite
-from .registry import REGISTRY, TORCH_FORWARD, entry_for
+from torch_handler.errors import DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
+from torch_handler.explanation import module_label
+from torch_handler.recurrent.function import RecurrentRuleFunction, all_finite
+from torch_handler.recurrent.registry import REGISTRY, TORCH_FORWARD, entry_for
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def rule_for(module: nn.Module):
-    """The rule object of a supported recurrent module (from :mod:`torch_handler.registry`)."""
+    """The rule object of a supported recurrent module (from :mod:`torch_handler.recurrent.registry`)."""
     entry = entry_for(module)
     if entry is None:
         raise UnsupportedConfigurationError(f"no DeepLIFT rule for {type(module).__name__}")
@@ -76,8 +77,6 @@ def check_supported(module: nn.Module, name: str | None = None) -> None:
 
 def _label(module: nn.Module) -> str:
     """``name (Type)`` of a module in the current explanation, for error messages."""
-    from .mode import module_label  # mode imports this module: resolved at call time
-
     return module_label(module)
 
 

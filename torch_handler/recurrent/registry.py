@@ -3,11 +3,11 @@
 Each supported class is declared exactly once, below, with everything the rest of the package
 needs to know about it:
 
-* ``rule``: a factory ``module -> rule object`` from :mod:`torch_handler.rules` (the cell
+* ``rule``: a factory ``module -> rule object`` from :mod:`torch_handler.recurrent.rules` (the cell
   equations; an RNN's nonlinearity is read off the module);
 * ``layout``: ``"sequence"`` (nn.LSTM-like: layers, directions, ``(T, B, I)`` or packed input)
   or ``"cell"`` (one step, ``(B, I)`` input), which picks the DeepLIFT forward in
-  :mod:`torch_handler.modules`;
+  :mod:`torch_handler.recurrent.modules`;
 * ``num_states``: how many state tensors the cell carries (2 for ``(h, c)``, 1 for ``h``), so
   the forwards know whether ``hx`` is a tuple;
 * ``handler``: the name of the shap ``op_handler`` function registered for the class.
@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple
 
 from torch import nn
 
-from .rules import GRURule, LSTMRule, RNNRule
+from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
 
 class RecurrentClass(NamedTuple):

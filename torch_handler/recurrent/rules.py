@@ -1,7 +1,7 @@
 """The DeepLIFT / DeepSHAP rule for recurrent cells, one class per cell type.
 
 Every engine integration (shap, Captum, tangermeme) ends up here: the autograd Function in
-:mod:`torch_handler.function` runs a cell's ``step`` forward through time on the doubled batch
+:mod:`torch_handler.recurrent.function` runs a cell's ``step`` forward through time on the doubled batch
 ``cat([actual, reference])``, writing into the rule's ``forward_buffers`` (with per-step
 scratch from ``step_workspace``), and, in backward, turns output multipliers into input
 multipliers with ``coefficients`` (vectorised over a chunk of steps), ``step_factors`` (the
@@ -165,7 +165,7 @@ def _double_block(tensor: Tensor | None, block: int, blocks: int) -> Tensor | No
 
 
 class _CellRule:
-    """Defaults of the rule protocol that :mod:`torch_handler.function` calls, for cells whose
+    """Defaults of the rule protocol that :mod:`torch_handler.recurrent.function` calls, for cells whose
     step multiplier row is just the pre-activations (one column per row of ``w_hh``) and whose
     chunk coefficients a step uses as they are. LSTMRule overrides both."""
 
