@@ -144,13 +144,11 @@ def _reduce(mode, func, name, args, kwargs):
     x, axis = args[0], mode.axis_of(args[0])
     dim = arg(args, kwargs, 1, "dim")
     keepdim = arg(args, kwargs, 2, "keepdim", False)
-    if name in ("std", "var") and not isinstance(dim, (int, tuple, list)):
-        dim = None
     if axis is not UNKNOWN:
         axis = ba.after_reduce(axis, dim, x.dim(), keepdim) or UNKNOWN
     for o in _flat(out):
         mode.mark(o, axis)
-    if name in ("std", "var", "prod"):  # reductions without a rule
+    if name == "prod":  # a reduction without a rule (std and var over one dim have theirs)
         mode.report_if_used(out, name, _no_rule_advice(name))
     return out
 
@@ -541,8 +539,6 @@ TRACKED: dict[str, Any] = {
         "count_nonzero": _reduce,
         "mean": _reduce,
         "nansum": _reduce,
-        "std": _reduce,
-        "var": _reduce,
         "prod": _reduce,
         "__getitem__": _getitem,
         "__setitem__": _setitem,
