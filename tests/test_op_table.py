@@ -20,9 +20,9 @@ from torch import nn
 import torch_handler
 from torch_handler.ops import OP_TABLE
 
-# Ops whose calls cannot appear in a model on the doubled batch, so they have no model case:
-# linear with an input-dependent weight (a weight has no batch dim; its rule is exercised on
-# pairs by the crosscheck), mm (its calls run the matmul rule), pow_scalar's cases are pow's.
+# Ops without a model case: linear with an input-dependent weight (a weight has no batch dim, so
+# on the doubled batch it never depends on the input; its rule is exercised on pairs by the
+# crosscheck) and mm (2-D operands: two input-dependent ones always mix the pairs).
 WITHOUT_CASES = {"linear", "mm"}
 CASES = [(name, case) for name, entry in OP_TABLE.items() for case in entry.cases]
 DTYPES = [torch.float64, torch.float32]
@@ -39,12 +39,12 @@ def params():
             marks = [pytest.mark.xfail(strict=True, reason="amax float32, see KNOWN")] if (
                 (name, case.id, dtype) in KNOWN) else []
             yield pytest.param(name, case, dtype, marks=marks, id=f"{name}-{case.id}-{str(dtype)[6:]}")
-TARGET = 1
 
+
+TARGET = 1
+# strict mode raises on an op without a rule; shap runs without it, so a warning fails there
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:Setting forward, backward hooks:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require:UserWarning"),
     pytest.mark.filterwarnings("error::torch_handler.errors.UnsupportedOpWarning"),
 ]
 

@@ -225,7 +225,9 @@ OP_TABLE: dict[str, OpEntry] = {
                       _cases(operator=lambda h: h @ h.transpose(-1, -2))),
     "bmm": OpEntry(bilinear.bmm, {"bmm": call(read_matmul)},
                    _cases(torch_bmm=lambda h: torch.bmm(h, h.transpose(1, 2)))),
-    "mm": OpEntry(bilinear.mm, {}, ()),  # its calls run the matmul rule (the same rule, per pair)
+    # No call: torch.mm's operands are 2-D, so two input-dependent ones always mix the pairs of
+    # the doubled batch (DoubledBatchError); the rule serves pairs (crosscheck) and callers.
+    "mm": OpEntry(bilinear.mm, {}, ()),
     "einsum": OpEntry(bilinear.einsum, {"einsum": call(read_einsum)},
                       _cases(torch_einsum=lambda h: torch.einsum("nlk,nmk->nlm", h, h))),
     "baddbmm": OpEntry(bilinear.baddbmm, {"baddbmm": call(read_baddbmm)},
