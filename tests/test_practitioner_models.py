@@ -571,3 +571,38 @@ def test_per_step_regression_targets(dtype):
     model = PerStepRegressor().to(dtype).eval()
     X, background = torch.randn(3, 4, 3, dtype=dtype), torch.randn(2, 4, 3, dtype=dtype)
     record(f"per-step GRU regressor {dtype}", *check_all_engines(model, X, background, outputs=4, dtype=dtype))
+
+
+class PadPackedMean(nn.Module):
+    """x (N, T, F) zero-padded -> lengths from the input -> packed BiLSTM -> pad_packed_sequence
+    -> mean over the valid steps (with the lengths pad_packed_sequence returns) -> Linear.
+
+    pad_packed_sequence puts the rows back in the original order with ``index_select`` by the
+    packed sequence's ``unsorted_indices`` (computed from the input's lengths): a row order, not
+    a mask. It used to raise a spurious UnsupportedOpWarning ("`ne` ... reaches the output
+    through `index_select`") on this exact explanation."""
+
+    def __init__(self, features=3, hidden=4, outputs=2):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * hidden, outputs)
+
+    def forward(self, x):
+        lengths = (x != 0).any(-1).sum(1).cpu()
+        out, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        out, lens = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.out(out.sum(1) / lens.unsqueeze(1).to(out.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pad_packed_sequence_mean_is_exact_without_a_warning(dtype):
+    torch.manual_seed(0)
+    model = PadPackedMean().to(dtype).eval()
+    x, lengths = padded_series(dtype)
+    refs = padded_references(x, lengths, n=2, generator=torch.Generator().manual_seed(4))
+    before = snapshot(model, x)
+    add, dis = per_input_engines(model, x, refs, outputs=2, dtype=dtype)
+    record(f"pad_packed_sequence mean {dtype}", add, dis)
+    assert add <= TOLERANCE[dtype]
+    assert dis <= TOLERANCE[dtype]
+    assert_unchanged(model, x, before)
