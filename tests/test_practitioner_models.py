@@ -608,6 +608,72 @@ def test_pad_packed_sequence_mean_is_exact_without_a_warning(dtype):
     assert_unchanged(model, x, before)
 
 
+
+# --- (10) a seq2seq decoder: GRUCell steps with dot attention over a GRU encoder --------------------
+
+
+class AttentionDecoder(nn.Module):
+    """x (N, T, F) -> GRU encoder; a GRUCell decoder runs 3 steps, each attending (dot product,
+    softmax over time) to the encoder outputs with its state; one forecast per step (N, 3)."""
+
+    def __init__(self, features=3, hidden=6, horizon=3):
+        super().__init__()
+        self.encoder = nn.GRU(features, hidden, batch_first=True)
+        self.cell = nn.GRUCell(hidden, hidden)
+        self.out = nn.Linear(2 * hidden, 1)
+        self.horizon = horizon
+
+    def forward(self, x):
+        encoded, h = self.encoder(x)
+        h, forecasts = h[0], []
+        for _ in range(self.horizon):
+            weights = torch.softmax(torch.einsum("bth,bh->bt", encoded, h), dim=-1)
+            context = torch.einsum("bt,bth->bh", weights, encoded)
+            h = self.cell(context, h)
+            forecasts.append(self.out(torch.cat([h, context], dim=-1)))
+        return torch.cat(forecasts, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seq2seq_attention_decoder(dtype):
+    torch.manual_seed(0)
+    model = AttentionDecoder().to(dtype).eval()
+    X, background = torch.randn(3, 5, 3, dtype=dtype), torch.randn(2, 5, 3, dtype=dtype)
+    record(f"seq2seq GRUCell attention decoder {dtype}", *check_all_engines(model, X, background, outputs=3, dtype=dtype))
+
+
+def test_text_classifier_layer_deeplift_with_an_all_padding_baseline_is_named():
+    """The Captum route with the all-padding baseline: the mask differs within each pair; the
+    warning names `ne` in TextClassifier.forward, strict raises, the model is left as found."""
+    torch.manual_seed(0)
+    model = TextClassifier().double().eval()
+    ids, _ = token_batch()
+    before = snapshot(model, ids)
+    with pytest.warns(UnsupportedOpWarning, match=r"`ne` in TextClassifier\.forward"):
+        with torch_handler.deeplift_mode(model):
+            LayerDeepLift(model, model.embedding).attribute(ids, baselines=torch.zeros_like(ids), target=0)
+    with pytest.raises(UnsupportedOpError, match=r"`ne` in TextClassifier\.forward"):
+        with torch_handler.deeplift_mode(model, strict=True):
+            LayerDeepLift(model, model.embedding).attribute(ids, baselines=torch.zeros_like(ids), target=0)
+    assert_unchanged(model, ids, before)
+
+
+def test_an_exception_inside_an_explanation_leaves_the_model_as_found():
+    """A baseline with the wrong number of features fails inside the LSTM, midway through each
+    engine's forward (its hooks registered): the model is left exactly as found."""
+    torch.manual_seed(0)
+    model = Forecaster().double().eval()
+    X = (torch.randn(3, 6, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))
+    wrong = (torch.randn(3, 6, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))
+    before = snapshot(model, X)
+    with pytest.raises(RuntimeError, match="input_size"):
+        captum_deepliftshap(model, wrong, wrong, 0)
+    assert_unchanged(model, X, before)
+    with pytest.raises(RuntimeError, match="input_size"):
+        explain(model, list(wrong), list(X))
+    assert_unchanged(model, X, before)
+
+
 # --- known bugs, held by strict xfails (each fails loudly once fixed) ------------------------------
 
 
