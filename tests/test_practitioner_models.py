@@ -738,6 +738,31 @@ def test_sorted_batch_packed_with_enforce_sorted_is_exact_or_named():
     assert float((captum_sums(attr) - delta).abs().max()) / output_scale(model, x, refs) <= TOLERANCE[torch.float64]
 
 
+
+class TimeMajorGRU(nn.Module):
+    """A model that takes time-major input (T, N, F) into nn.GRU(batch_first=False): the
+    engines double dim 0 (time), not the batch."""
+
+    def __init__(self, features=3, hidden=5, outputs=2):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden)
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, x):
+        return self.out(self.gru(x)[1][-1])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a time-major model input (T, N, F) is doubled along time by Captum; "
+                   "with an even N the GRU rule pairs batch rows j and j + N/2 and returns meaningless attributions "
+                   "without an error (odd N: DoubledBatchError blaming an odd batch, not the time-major input)")
+def test_a_time_major_model_input_is_refused_by_name():
+    torch.manual_seed(0)
+    model = TimeMajorGRU().double().eval()
+    x, baseline = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
+    with pytest.raises(torch_handler.DoubledBatchError):
+        captum_deeplift(model, x, baseline, 0)
+
+
 # --- torch.compile'd models -------------------------------------------------------------------------
 
 
