@@ -1603,6 +1603,11 @@ def _rows_by_index(mode, name, args, kwargs) -> bool:
         return False
     axis = mode.axis_of(args[0])
     dim = _arg(args, kwargs, 1, "dim")
+    sorted_rows = mode.sorted_rows.get(args[0])
+    if sorted_rows is not None:  # pad_packed_sequence putting its sorted rows back in order
+        batch_dim, unsorted = sorted_rows
+        index = _arg(args, kwargs, 2, "index")
+        return dim % args[0].dim() == batch_dim and torch.equal(index.cpu(), unsorted.cpu())
     return axis not in (None, UNKNOWN) and dim is not None and args[0].dim() > 0 and dim % args[0].dim() == axis.dim
 
 
