@@ -74,18 +74,17 @@ def deep_shap(model, inputs, references, *, target=None, outputs=None, batch_siz
             "deep_shap: out= needs the number of inputs in advance, and this iterable does not say it. Pass a "
             "tensor, a Dataset, or a DataLoader over a sized dataset."
         )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"deep_shap: batch_size={batch_size!r}; it must be a positive number of pairs (or None).")
     saved = storage.stored_fingerprint(out) if resume and out is not None else None
     dtype = rows.specs[0].dtype
     with deeplift_mode(model), torch.enable_grad():
+        finite_or_raise(rows.first, "input")
         probe_refs = _probe_references(refs, rows.first)
-        finite_or_raise(rows.first, "input", 0)
-        finite_or_raise(probe_refs, "reference")
         n_outputs, per_pair = _probe(model, rows.first, probe_refs, device)
         selection = Selection(target, outputs, n_outputs, rows.count)
         S = probe_refs[0].shape[0]
         pairs = int(batch_size or (saved or {}).get("pairs_per_chunk") or choose_pairs(per_pair, device))
-        if pairs < 1:
-            raise ValueError(f"deep_shap: batch_size={batch_size}; it must be a positive number of pairs.")
         run = _Run(model, rows, refs, selection, device, S, pairs, check, dtype)
         store = None
         if out is not None:
@@ -120,8 +119,11 @@ def _numpy_dtype(dtype: torch.dtype):
 def _probe_references(refs, first):
     """References of the first input: the shared ones, or the callable's for the first row."""
     if isinstance(refs, SharedReferences):
+        finite_or_raise(refs.tensors, "reference")
         return refs.tensors
-    return tuple(r[0] for r in refs.for_chunk(first))
+    made = refs.for_chunk(first)
+    finite_or_raise(made, "the references the callable gave for input")
+    return tuple(r[0] for r in made)
 
 
 def _probe(model, first, references, device) -> tuple[int, int]:
@@ -242,7 +244,7 @@ class _Run:
         xs = tuple(x.to(self.device) for x in xs)
         per_input = None
         if references is not None:
-            finite_or_raise(references, "the references of input", start)
+            finite_or_raise(references, "the references the callable gave for input", start)
             per_input = tuple(r.to(self.device) for r in references)
         columns = self.selection.columns(start, xs[0].shape[0], self.device)
         sums = explain_chunk(self.model, xs, columns, shared=self.shared, per_input=per_input,

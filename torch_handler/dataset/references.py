@@ -18,9 +18,10 @@ from torch import Tensor
 from .inputs import Spec
 
 
-def _mismatch(what: str, i: int, got, spec: Spec, fix: str) -> ValueError:
+def _mismatch(what: str, i: int, got, spec: Spec, lead: int, fix: str) -> ValueError:
     return ValueError(
-        f"deep_shap: {what} for input {i} has rows of shape {tuple(got.shape)}, {got.dtype} on {got.device}; "
+        f"deep_shap: {what} for input {i} has rows of shape {tuple(got.shape[lead:])} (tensor shape "
+        f"{tuple(got.shape)}), {got.dtype} on {got.device}; "
         f"input {i} has rows of shape {spec.shape}, {spec.dtype} on {spec.device}. {fix}"
     )
 
@@ -36,7 +37,7 @@ def _check_against(tensors, specs, what: str, lead: int, fix: str) -> None:
         if not isinstance(r, Tensor):
             raise TypeError(f"deep_shap: {what} {i} is a {type(r).__name__}; expected a tensor.")
         if r.ndim < lead or (tuple(r.shape[lead:]), r.dtype, r.device) != (spec.shape, spec.dtype, spec.device):
-            raise _mismatch(what, i, r, spec, fix)
+            raise _mismatch(what, i, r, spec, lead, fix)
 
 
 class SharedReferences:
@@ -114,13 +115,15 @@ def as_references(references, specs: tuple[Spec, ...]):
 
 
 def finite_or_raise(tensors, what: str, first_row: int = 0) -> None:
-    """NonFiniteError naming the first row holding NaN / Inf."""
+    """NonFiniteError naming the first row (``first_row`` + its index) holding NaN / Inf.
+
+    what: the rows' name in the message, e.g. "input" or "reference" ("input 12 (model input 0)")."""
     from torch_handler import NonFiniteError
 
     for i, t in enumerate(tensors):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[0, 0].item()
             raise NonFiniteError(
-                f"deep_shap: {what} {i} holds NaN or Inf (row {first_row + bad}); attributions would be "
-                "NaN. Remove or impute those values first."
+                f"deep_shap: {what} {first_row + bad} (model input {i}) holds NaN or Inf; its attributions "
+                "would be NaN. Remove or impute those values first."
             )

@@ -124,8 +124,11 @@ def _create_npy(path: Path, shape, dtype) -> None:
 
 def _read_header(path: Path):
     with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        shape, fortran, dtype = np.lib.format._read_array_header(handle, version)  # noqa: SLF001
+        major, _ = np.lib.format.read_magic(handle)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"unknown .npy format version {major}")
+        shape, fortran, dtype = read(handle)
         return tuple(shape), fortran, np.dtype(dtype), handle.tell()
 
 
