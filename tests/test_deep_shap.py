@@ -28,15 +28,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require:UserWarning"),
 ]
 
-# Issue 19 item 1: an op rule's backward drops its saved plan after the first backward pass on a
-# retained graph, so several outputs (one backward per output) fail on models whose head has a
-# nonlinearity (nn.ReLU here). A fix is under way in torch_handler/interception.py; these tests
-# then pass, and strict=True makes them fail until this marker is removed.
-NEEDS_RETAINED_GRAPH_RULES = pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="issue 19 item 1: op rules drop their plan after the first backward on a retained graph")
-
-
 class LSTMHead(nn.Module):
     """2-layer nn.LSTM, linear head on h_n: no op rules outside the recurrence."""
 
@@ -135,7 +126,6 @@ def test_all_outputs_equal_shap_register(dtype):
     assert_same(chosen, expected[..., [2, 0]], dtype)
 
 
-@NEEDS_RETAINED_GRAPH_RULES
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_all_outputs_with_a_relu_head_equal_shap_register(dtype):
     model, x, r = make(LSTMClassifier, dtype)
@@ -143,7 +133,6 @@ def test_all_outputs_with_a_relu_head_equal_shap_register(dtype):
     assert_same(values, explain(model, r, x), dtype)
 
 
-@NEEDS_RETAINED_GRAPH_RULES
 def test_several_outputs_on_one_hot_sequences_equal_tangermeme():
     model, X, refs = _one_hot(torch.float64)
     values = torch_handler.deep_shap(model, X, _shuffles, outputs=[1, 0])
