@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from torch_handler import NonFiniteError, deeplift_mode
+from torch_handler import NonFiniteError, cpu_loops, deeplift_mode
 
 from . import storage
 from .chunking import PROBE_PAIRS, choose_pairs, pair_bytes
@@ -78,6 +78,12 @@ def deep_shap(model, inputs, references, *, target=None, outputs=None, batch_siz
         raise ValueError(f"deep_shap: batch_size={batch_size!r}; it must be a positive number of pairs (or None).")
     saved = storage.stored_fingerprint(out) if resume and out is not None else None
     dtype = rows.specs[0].dtype
+    if device.type == "cpu":
+        # Every chunk on the same loops: the compiled CPU loops and the eager ones round
+        # differently, so a run whose first chunks ran eagerly while the library was still being
+        # built would not equal itself resumed, or rerun. A dataset job can wait the few seconds
+        # a first build takes (the library is cached for every later process).
+        cpu_loops.load()
     with deeplift_mode(model), torch.enable_grad():
         finite_or_raise(rows.first, "input")
         probe_refs = _probe_references(refs, rows.first)
