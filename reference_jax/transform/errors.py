@@ -1,0 +1,73 @@
+"""Named errors of the DeepLIFT transformation, and the check that a value is the same in
+both halves of a pair (where a rule needs it: a ``select_n`` predicate, an index, a ``cond``
+branch, a ``stop_gradient``).
+
+Every message names the primitive, where it is in the user's code (JAX's source info of the
+equation) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jax._src import source_info_util  # noqa: PLC2701 - the only way to name a jaxpr line
+
+import jax
+
+__all__ = ["DeepLiftError", "equal_halves", "unsupported", "where"]
+
+
+class DeepLiftError(ValueError):
+    """The function cannot be explained exactly: a primitive without a rule, a mask, branch or
+    index that differs between the actual and the reference half, or a dropped difference."""
+
+
+def where(eqn) -> str:
+    """``"<primitive> at <file>:<line> (<function>)"`` for a jaxpr equation."""
+    try:
+        place = source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - source info is best effort across JAX versions
+        place = "an unknown place"
+    text = str(eqn).replace("\n", " ")
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"'{eqn.primitive.name}' at {place} (equation: {text})"
+
+
+def unsupported(eqn, why: str, fix: str) -> DeepLiftError:
+    """A :class:`DeepLiftError` naming ``eqn``, the reason and a fix."""
+    return DeepLiftError(f"reference_jax.deeplift: {where(eqn)}: {why}. {fix}")
+
+
+def _concrete(value):
+    """``value`` as a numpy array when it is known now (not a tracer of a jit/vmap), else None."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def equal_halves(pair, eqn, what: str):
+    """Half 0 of ``pair`` (shape ``(2, ...)``) after checking that both halves are equal.
+
+    Known values are checked at once; traced ones (under ``jit`` / ``vmap``) by a host
+    callback whose error surfaces as a ``JaxRuntimeError`` carrying the same message.
+    """
+    message = (
+        f"reference_jax.deeplift: {where(eqn)}: the {what} differs between the actual input and "
+        f"the reference, so the two halves take different paths and no DeepLIFT rule applies. "
+        f"Choose a reference on the same side of this branch/mask/index, or rewrite it with an "
+        f"op that has a rule (jnp.maximum / jnp.minimum / jax.nn.relu instead of jnp.where)"
+    )
+    a, r = _concrete(pair[0]), _concrete(pair[1])
+    if a is not None and r is not None:
+        if not np.array_equal(a, r):
+            raise DeepLiftError(message)
+        return pair[0]
+
+    def check(a, r):
+        if not np.array_equal(np.asarray(a), np.asarray(r)):
+            raise DeepLiftError(message)
+        return np.asarray(a)
+
+    shape = jax.ShapeDtypeStruct(pair.shape[1:], pair.dtype)
+    return jax.pure_callback(check, shape, pair[0], pair[1], vmap_method="broadcast_all")
