@@ -90,7 +90,7 @@ def scan_rule(interpret, eqn, vals: list[Val]) -> list[Val]:
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     consts, carry, xs = vals[:n_consts], vals[n_consts : n_consts + n_carry], vals[n_consts + n_carry :]
-    x_slices = [Val(jnp.zeros(v.aval.shape, v.aval.dtype), False) for v in eqn.invars[n_consts + n_carry :]]
+    x_slices = [Val(jnp.zeros(v.aval.shape[1:], v.aval.dtype), False) for v in eqn.invars[n_consts + n_carry :]]
     x_slices = [promote(s, x.varying) for s, x in zip(x_slices, xs, strict=True)]
     flags = _carry_flags(interpret, p["jaxpr"], consts, carry, x_slices, n_carry)
     return _scan(interpret, p["jaxpr"], consts, carry, xs, flags, p["length"], p["reverse"], p["unroll"])
@@ -101,7 +101,7 @@ def _trip_count(eqn, vals: list[Val], flags) -> int:
     part of the carry, run once on that part (varying parts as zeros: they cannot affect it)."""
     p = eqn.params
     try:
-        concrete = [np.asarray(v.value[0] if v.varying else v.value) for v in vals]
+        concrete = [np.zeros(v.value.shape[1:], v.value.dtype) if v.varying else np.asarray(v.value) for v in vals]
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         raise unsupported(
             eqn, "the trip count of this while loop is not known when the transformation traces it "

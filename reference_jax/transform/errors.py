@@ -46,7 +46,13 @@ def _concrete(value):
         return None
 
 
-def equal_halves(pair, eqn, what: str):
+_MASK_FIX = (
+    "Choose a reference on the same side of this branch/mask/index, or rewrite it with an op that has "
+    "a rule (jnp.maximum / jnp.minimum / jax.nn.relu instead of jnp.where)"
+)
+
+
+def equal_halves(pair, eqn, what: str, fix: str = _MASK_FIX):
     """Half 0 of ``pair`` (shape ``(2, ...)``) after checking that both halves are equal.
 
     Known values are checked at once; traced ones (under ``jit`` / ``vmap``) by a host
@@ -54,9 +60,7 @@ def equal_halves(pair, eqn, what: str):
     """
     message = (
         f"reference_jax.deeplift: {where(eqn)}: the {what} differs between the actual input and "
-        f"the reference, so the two halves take different paths and no DeepLIFT rule applies. "
-        f"Choose a reference on the same side of this branch/mask/index, or rewrite it with an "
-        f"op that has a rule (jnp.maximum / jnp.minimum / jax.nn.relu instead of jnp.where)"
+        f"the reference, and no DeepLIFT rule applies to it. {fix}"
     )
     a, r = _concrete(pair[0]), _concrete(pair[1])
     if a is not None and r is not None:
@@ -70,4 +74,7 @@ def equal_halves(pair, eqn, what: str):
         return np.asarray(a)
 
     shape = jax.ShapeDtypeStruct(pair.shape[1:], pair.dtype)
-    return jax.pure_callback(check, shape, pair[0], pair[1], vmap_method="broadcast_all")
+    # A float value under the transformation's own grad is a tracer even when eager: the check
+    # carries no derivative (the value is constant once both halves are equal).
+    a, r = jax.lax.stop_gradient(pair[0]), jax.lax.stop_gradient(pair[1])
+    return jax.pure_callback(check, shape, a, r, vmap_method="broadcast_all")

@@ -100,7 +100,9 @@ def _rule(eqn, vals: list[Val]) -> list[Val]:
     if name in control.CALLS:
         return control.CALLS[name](interpret, eqn, vals)
     if name == "stop_gradient":
-        return [Val(equal_halves(vals[0].value, eqn, "value under stop_gradient"), False)]
+        fix = ("stop_gradient would drop this value's share of the difference from the attributions; "
+               "remove it from the explained function (jax.nn.softmax / logsumexp's own are recognised)")
+        return [Val(equal_halves(vals[0].value, eqn, "value under stop_gradient", fix), False)]
     n_varying = sum(v.varying for v in vals)
     if name in LINEAR or (name in _ONE_VARYING_LINEAR and n_varying == 1):
         return bind_per_half(eqn, vals)

@@ -143,8 +143,8 @@ def _integer_pow(eqn) -> Callable:
 
 
 def _abs_factor(a, r):
-    # |x| = relu(x) + relu(−x): both Rescale factors from the relu rule (0 at a == r == 0, as torch).
-    return ops.unary_rescale_factor("relu", a, r) + ops.unary_rescale_factor("relu", -a, -r)
+    # |x| = relu(x) + relu(−x), and d relu(−x)/dx = −relu'(−x): both from the relu rule (0 at a == r == 0, as torch).
+    return ops.unary_rescale_factor("relu", a, r) - ops.unary_rescale_factor("relu", -a, -r)
 
 
 def clamp_factor(a, r, lo, hi):
@@ -197,12 +197,18 @@ def binary_rescaled(eqn, vals: list[Val]) -> Val:
     return rescaled(eqn, vals, index, factor)
 
 
+def _broadcast_pair(pair, shape):
+    """A pair ``(2, *s)`` broadcast to ``(2, *shape)`` (``s`` is ``shape`` or a scalar's ``()``)."""
+    lead = (1,) * (len(shape) - (pair.ndim - 1))
+    return jnp.broadcast_to(pair.reshape((2, *lead, *pair.shape[1:])), (2, *shape))
+
+
 def shapley_binary(eqn, vals: list[Val]) -> Val:
     """A binary elementwise primitive of two varying operands (broadcast to one shape first):
     the two-player Shapley rule of :func:`reference_jax.ops.binary_quotients`."""
     name = BINARY_OPS[eqn.primitive.name]
     shape = eqn.outvars[0].aval.shape
-    u, v = (jnp.broadcast_to(x.value, (2, *shape)) for x in vals)
+    u, v = (_broadcast_pair(x.value, shape) for x in vals)
 
     def forward(varying, shared):
         return jax.vmap(lambda a, b: bind(eqn, (a, b))[0])(*varying)
