@@ -35,7 +35,7 @@ LINEAR = frozenset({
     "expand_dims", "slice", "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add",
     "scatter_add", "scatter", "concatenate", "pad", "reduce_sum", "rev", "copy", "copy_p",
     "select_n", "cumsum", "reduce_precision", "sharding_constraint", "split", "real", "conj",
-    "convert_element_type", "optimization_barrier", "squeeze", "psum", "mesh_cast",
+    "convert_element_type", "optimization_barrier", "psum", "mesh_cast", "stack", "unstack", "tile",
 })
 
 #: Linear in each operand, bilinear in two: ``dot_general`` (two varying: the bilinear rule).
