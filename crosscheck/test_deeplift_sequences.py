@@ -176,4 +176,6 @@ def test_transform_of_a_jax_stack_equals_the_handler_and_the_oracle(kind, index)
         handler = halves[k][0].movedim(d, 0).numpy()
         for name, other in (("handler", handler), ("oracle", np.asarray(expected[k]))):
             error = relative_error(mine, other)
+            print(f"[agreement] {kind}-{index} input {k} vs {name}: max abs {np.abs(mine - other).max():.3g}, "
+                  f"relative {error:.3g}")
             assert error <= TOLERANCE[torch.float64], f"{config}: input {k} vs {name}: {error:.3g}"
