@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_handler
 from pairing import TOLERANCE, relative_error, stack_params
 from test_deeplift_sequences import _lstm_step, jax_stack
 from torch import nn
 
 import reference_jax
+import torch_handler
 
 B, T, I, H = 3, 5, 3, 4
 

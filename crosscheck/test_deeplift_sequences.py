@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from pairing import TOLERANCE, handler_multipliers, relative_error, stack_params
-from torch import nn
+from test_crosscheck_sequences import _module  # the same torch module from a config
 
 import reference_jax as oracle
 
@@ -102,16 +102,6 @@ def _config(kind: str, index: int):
     if kind == "rnn":
         config["nonlinearity"] = "relu" if index % 2 else "tanh"
     return config, rng
-
-
-def _module(kind, config):
-    kwargs = dict(num_layers=config["num_layers"], bidirectional=config["bidirectional"], bias=config["bias"],
-                  batch_first=True)
-    if kind == "lstm":
-        return nn.LSTM(config["features"], config["hidden"], proj_size=config["proj_size"], **kwargs)
-    if kind == "gru":
-        return nn.GRU(config["features"], config["hidden"], **kwargs)
-    return nn.RNN(config["features"], config["hidden"], nonlinearity=config["nonlinearity"], **kwargs)
 
 
 CASES = [(kind, index) for kind, n in N_CONFIGS.items() for index in range(n)]

@@ -68,13 +68,16 @@ def deeplift(fn: Callable) -> Callable:
                 f"Explain one output at a time: deeplift(lambda x: fn(x)[k]), vmapped over k for all"
             )
 
-        def total(pairs):
-            (y,) = interpret(closed.jaxpr, closed.consts, [Val(p, True) for p in pairs])
-            return y.value[0] + y.value[1] if y.varying else jnp.zeros((), out.dtype)
+        # Only the actual half is differentiated (the references are constants of the
+        # derivative); every rule hands it the multiplier the reference half would get too.
+        references = [jax.lax.stop_gradient(r) for r in rs]
 
-        pairs = [jnp.stack([x, r]) for x, r in zip(xs, rs, strict=True)]
-        grads = jax.grad(total)(pairs)
-        return jax.tree.unflatten(tree, [g[0] for g in grads])
+        def actual_output(actual):
+            args = [Val(a, r) for a, r in zip(actual, references, strict=True)]
+            (y,) = interpret(closed.jaxpr, closed.consts, args)
+            return y.a if y.varying else jnp.zeros((), out.dtype)
+
+        return jax.tree.unflatten(tree, jax.grad(actual_output)(xs))
 
     return multipliers
 

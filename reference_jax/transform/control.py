@@ -1,8 +1,8 @@
 """Higher-order primitives: their inner jaxprs are interpreted on pairs, recursively.
 
 * ``scan``: a ``lax.scan`` whose body interprets the body jaxpr; carries that become varying
-  in the body are varying from the start (a fixed point of the varying flags), and the pair
-  axis of scanned values moves behind the scan axis.
+  in the body are varying from the start (a fixed point of the varying flags); a varying
+  value is scanned as its two halves.
 * ``while`` with a trip count that does not depend on the inputs: the count is computed once
   (the loop run on the constant part of the carry), then the body runs under ``lax.scan``
   (reverse-mode autodiff, which the multipliers are, cannot go through a ``while_loop``).
@@ -22,7 +22,7 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
 from reference_jax.transform.errors import unsupported
-from reference_jax.transform.pairs import Val, promote
+from reference_jax.transform.pairs import Val, flatten, promote, unflatten
 
 __all__ = ["CALLS", "cond_rule", "inner_call", "scan_rule", "while_rule"]
 
@@ -33,13 +33,14 @@ def _flags(interpret: Interpret, closed, in_vals: list[Val]) -> list[bool]:
     """The varying flags of ``closed``'s outputs for inputs shaped and flagged as
     ``in_vals`` (an abstract evaluation of the interpreter: nothing runs)."""
     result = []
+    in_flags = [v.varying for v in in_vals]
 
-    def probe(values):
-        outs = interpret(closed.jaxpr, closed.consts, [Val(v, x.varying) for v, x in zip(values, in_vals, strict=True)])
+    def probe(arrays):
+        outs = interpret(closed.jaxpr, closed.consts, unflatten(arrays, in_flags))
         result[:] = [o.varying for o in outs]
-        return [o.value for o in outs]
+        return flatten(outs)
 
-    specs = [jax.ShapeDtypeStruct(jnp.shape(v.value), jnp.result_type(v.value)) for v in in_vals]
+    specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flatten(in_vals)]
     jax.eval_shape(probe, specs)
     return result
 
@@ -56,41 +57,29 @@ def _carry_flags(interpret, body, consts: list[Val], carry: list[Val], rest: lis
         flags = new
 
 
-def _to_scan_axis(val: Val):
-    return jnp.moveaxis(val.value, 0, 1) if val.varying else val.value
-
-
-def _from_scan_axis(value, varying: bool) -> Val:
-    return Val(jnp.moveaxis(value, 1, 0) if varying else value, varying)
-
-
 def _scan(interpret, body, consts: list[Val], carry: list[Val], xs: list[Val], flags, length, reverse, unroll):
     """``lax.scan`` of the interpreted ``body`` (inputs: consts, carry, xs); returns Vals."""
     carry = [promote(c, f) for c, f in zip(carry, flags, strict=True)]
     n_carry = len(carry)
+    x_flags = [x.varying for x in xs]
     y_flags: list[bool] = []
 
-    def step(carry_values, x_values):
-        x_vals = [Val(v, x.varying) for v, x in zip(x_values, xs, strict=True)]
-        c_vals = [Val(v, f) for v, f in zip(carry_values, flags, strict=True)]
-        outs = interpret(body.jaxpr, body.consts, consts + c_vals + x_vals)
-        new_carry = [promote(o, f).value for o, f in zip(outs[:n_carry], flags, strict=True)]
+    def step(carry_arrays, x_arrays):
+        ins = consts + unflatten(carry_arrays, flags) + unflatten(x_arrays, x_flags)
+        outs = interpret(body.jaxpr, body.consts, ins)
+        new_carry = [promote(o, f) for o, f in zip(outs[:n_carry], flags, strict=True)]
         y_flags[:] = [o.varying for o in outs[n_carry:]]
-        return new_carry, [o.value for o in outs[n_carry:]]
+        return flatten(new_carry), flatten(outs[n_carry:])
 
-    carry_out, ys = jax.lax.scan(
-        step, [c.value for c in carry], [_to_scan_axis(x) for x in xs], length=length, reverse=reverse, unroll=unroll
-    )
-    return [Val(c, f) for c, f in zip(carry_out, flags, strict=True)] + [
-        _from_scan_axis(y, f) for y, f in zip(ys, y_flags, strict=True)
-    ]
+    carry_out, ys = jax.lax.scan(step, flatten(carry), flatten(xs), length=length, reverse=reverse, unroll=unroll)
+    return unflatten(carry_out, flags) + unflatten(ys, y_flags)
 
 
 def scan_rule(interpret, eqn, vals: list[Val]) -> list[Val]:
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     consts, carry, xs = vals[:n_consts], vals[n_consts : n_consts + n_carry], vals[n_consts + n_carry :]
-    x_slices = [Val(jnp.zeros(v.aval.shape[1:], v.aval.dtype), False) for v in eqn.invars[n_consts + n_carry :]]
+    x_slices = [Val(jnp.zeros(v.aval.shape[1:], v.aval.dtype)) for v in eqn.invars[n_consts + n_carry :]]
     x_slices = [promote(s, x.varying) for s, x in zip(x_slices, xs, strict=True)]
     flags = _carry_flags(interpret, p["jaxpr"], consts, carry, x_slices, n_carry)
     return _scan(interpret, p["jaxpr"], consts, carry, xs, flags, p["length"], p["reverse"], p["unroll"])
@@ -101,7 +90,7 @@ def _trip_count(eqn, vals: list[Val], flags) -> int:
     part of the carry, run once on that part (varying parts as zeros: they cannot affect it)."""
     p = eqn.params
     try:
-        concrete = [np.zeros(v.value.shape[1:], v.value.dtype) if v.varying else np.asarray(v.value) for v in vals]
+        concrete = [np.zeros(jnp.shape(v.a), jnp.result_type(v.a)) if v.varying else np.asarray(v.a) for v in vals]
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         raise unsupported(
             eqn, "the trip count of this while loop is not known when the transformation traces it "
@@ -145,17 +134,17 @@ def cond_rule(interpret, eqn, vals: list[Val]) -> list[Val]:
     out_flags = [False] * len(eqn.outvars)
     for branch in branches:
         out_flags = [a or b for a, b in zip(out_flags, _flags(interpret, branch, operands), strict=True)]
+    in_flags = [v.varying for v in operands]
 
     def run(branch):
-        def fn(*values):
-            ins = [Val(v, x.varying) for v, x in zip(values, operands, strict=True)]
-            outs = interpret(branch.jaxpr, branch.consts, ins)
-            return [promote(o, f).value for o, f in zip(outs, out_flags, strict=True)]
+        def fn(*arrays):
+            outs = interpret(branch.jaxpr, branch.consts, unflatten(arrays, in_flags))
+            return flatten([promote(o, f) for o, f in zip(outs, out_flags, strict=True)])
 
         return fn
 
-    outs = jax.lax.switch(index.value, [run(b) for b in branches], *[v.value for v in operands])
-    return [Val(o, f) for o, f in zip(outs, out_flags, strict=True)]
+    outs = jax.lax.switch(index.a, [run(b) for b in branches], *flatten(operands))
+    return unflatten(outs, out_flags)
 
 
 def inner_call(interpret, eqn, vals: list[Val]) -> list[Val]:

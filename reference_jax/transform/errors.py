@@ -8,10 +8,9 @@ equation) and what to do about it.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from jax._src import source_info_util  # noqa: PLC2701 - the only way to name a jaxpr line
-
-import jax
 
 __all__ = ["DeepLiftError", "equal_halves", "unsupported", "where"]
 
@@ -52,8 +51,8 @@ _MASK_FIX = (
 )
 
 
-def equal_halves(pair, eqn, what: str, fix: str = _MASK_FIX):
-    """Half 0 of ``pair`` (shape ``(2, ...)``) after checking that both halves are equal.
+def equal_halves(actual, reference, eqn, what: str, fix: str = _MASK_FIX):
+    """``actual`` after checking that it equals ``reference`` (the two halves of one value).
 
     Known values are checked at once; traced ones (under ``jit`` / ``vmap``) by a host
     callback whose error surfaces as a ``JaxRuntimeError`` carrying the same message.
@@ -62,19 +61,19 @@ def equal_halves(pair, eqn, what: str, fix: str = _MASK_FIX):
         f"reference_jax.deeplift: {where(eqn)}: the {what} differs between the actual input and "
         f"the reference, and no DeepLIFT rule applies to it. {fix}"
     )
-    a, r = _concrete(pair[0]), _concrete(pair[1])
+    a, r = _concrete(actual), _concrete(reference)
     if a is not None and r is not None:
         if not np.array_equal(a, r):
             raise DeepLiftError(message)
-        return pair[0]
+        return actual
 
     def check(a, r):
         if not np.array_equal(np.asarray(a), np.asarray(r)):
             raise DeepLiftError(message)
         return np.asarray(a)
 
-    shape = jax.ShapeDtypeStruct(pair.shape[1:], pair.dtype)
+    shape = jax.ShapeDtypeStruct(jax.numpy.shape(actual), jax.numpy.result_type(actual))
     # A float value under the transformation's own grad is a tracer even when eager: the check
     # carries no derivative (the value is constant once both halves are equal).
-    a, r = jax.lax.stop_gradient(pair[0]), jax.lax.stop_gradient(pair[1])
+    a, r = jax.lax.stop_gradient(actual), jax.lax.stop_gradient(reference)
     return jax.pure_callback(check, shape, a, r, vmap_method="broadcast_all")

@@ -33,7 +33,7 @@ __all__ = ["LINEAR", "covered_primitives", "interpret"]
 LINEAR = frozenset({
     "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze",
     "expand_dims", "slice", "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add",
-    "scatter_add", "scatter", "concatenate", "pad", "reduce_sum", "rev", "copy", "copy_p",
+    "scatter", "concatenate", "pad", "reduce_sum", "rev", "copy",
     "select_n", "cumsum", "reduce_precision", "sharding_constraint", "split", "real", "conj",
     "convert_element_type", "optimization_barrier", "psum", "mesh_cast", "stack", "unstack", "tile",
 })
@@ -54,10 +54,10 @@ def interpret(jaxpr, consts: Sequence, args: Sequence[Val]) -> list[Val]:
     env: dict = {}
 
     def read(v) -> Val:
-        return Val(v.val, False) if isinstance(v, Literal) else env[v]
+        return Val(v.val) if isinstance(v, Literal) else env[v]
 
     for var, value in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = Val(value, False)
+        env[var] = Val(value)
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
     found = units.find_units(jaxpr)
@@ -79,16 +79,16 @@ def interpret(jaxpr, consts: Sequence, args: Sequence[Val]) -> list[Val]:
 
 def _equation(eqn, vals: list[Val]) -> list[Val]:
     if not any(v.varying for v in vals):
-        return [Val(o, False) for o in bind(eqn, [v.value for v in vals])]
+        return [Val(o) for o in bind(eqn, [v.a for v in vals])]
     if not any(is_float(v.aval) for v in eqn.outvars):
         return bind_per_half(eqn, vals)
     vals = [
-        Val(equal_halves(v.value, eqn, f"operand {k} ({var.aval.str_short()})"), False)
+        Val(equal_halves(v.a, v.r, eqn, f"operand {k} ({var.aval.str_short()})"))
         if v.varying and not is_float(var.aval) else v
         for k, (v, var) in enumerate(zip(vals, eqn.invars, strict=True))
     ]
     if not any(v.varying for v in vals):
-        return [Val(o, False) for o in bind(eqn, [v.value for v in vals])]
+        return [Val(o) for o in bind(eqn, [v.a for v in vals])]
     return _rule(eqn, vals)
 
 
@@ -102,7 +102,7 @@ def _rule(eqn, vals: list[Val]) -> list[Val]:
     if name == "stop_gradient":
         fix = ("stop_gradient would drop this value's share of the difference from the attributions; "
                "remove it from the explained function (jax.nn.softmax / logsumexp's own are recognised)")
-        return [Val(equal_halves(vals[0].value, eqn, "value under stop_gradient", fix), False)]
+        return [Val(equal_halves(vals[0].a, vals[0].r, eqn, "value under stop_gradient", fix))]
     n_varying = sum(v.varying for v in vals)
     if name in LINEAR or (name in _ONE_VARYING_LINEAR and n_varying == 1):
         return bind_per_half(eqn, vals)

@@ -1,28 +1,39 @@
-"""Values of the paired evaluation: an input-dependent ("varying") value is held as a stacked
-pair ``(2, ...)`` (actual, reference); a value that does not depend on the inputs is held once.
+"""Values of the paired evaluation: an input-dependent ("varying") value is held as its actual
+half ``a`` and its reference half ``r``; a value that does not depend on the inputs is held once
+(``r is None``).
 
-Every linear primitive is applied to each half (``vmap`` over the pair axis), so reverse-mode
-autodiff through it is the chain rule; nonlinear primitives get their rule from
-:mod:`reference_jax.transform.rules`.
+Only the actual half is differentiated: the reference half is computed from the references
+under ``stop_gradient`` and each rule's backward gives the actual half the rule's multiplier
+(the two halves' multipliers are equal by construction, so one is enough). Linear primitives
+are applied to each half, so reverse-mode autodiff through them is the chain rule; nonlinear
+primitives get their rule from :mod:`reference_jax.transform.rules`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-__all__ = ["Val", "bind", "bind_per_half", "is_float", "per_half", "promote"]
+__all__ = ["Val", "bind", "bind_per_half", "flatten", "is_float", "promote", "unflatten"]
 
 
 class Val(NamedTuple):
-    """One jaxpr value: ``value`` is ``(2, *shape)`` when ``varying`` (actual, reference),
-    else ``shape`` itself."""
+    """One jaxpr value: ``a`` (actual, or the constant) and ``r`` (reference; ``None`` for a
+    value that does not depend on the inputs)."""
 
-    value: Any
-    varying: bool
+    a: Any
+    r: Any = None
+
+    @property
+    def varying(self) -> bool:
+        return self.r is not None
+
+    @property
+    def ref(self):
+        """The reference half (the value itself for a constant)."""
+        return self.a if self.r is None else self.r
 
 
 def is_float(aval) -> bool:
@@ -31,15 +42,14 @@ def is_float(aval) -> bool:
 
 
 def promote(val: Val, flag: bool = True) -> Val:
-    """``val`` as a pair (both halves equal) when ``flag`` asks for a varying value."""
+    """``val`` as a varying value (both halves equal) when ``flag`` asks for one."""
     if not flag or val.varying:
         return val
-    value = jnp.asarray(val.value)
-    return Val(jnp.broadcast_to(value, (2, *value.shape)), True)
+    return Val(val.a, val.a)
 
 
 def bind(eqn, values: Sequence[Any]):
-    """Apply ``eqn``'s primitive to unpaired operands; always returns a list of outputs."""
+    """Apply ``eqn``'s primitive to plain operands; always returns a list of outputs."""
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns = ()
     if isinstance(params, tuple):  # jax < 0.5: (subfuns, params)
@@ -48,14 +58,23 @@ def bind(eqn, values: Sequence[Any]):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def per_half(fn: Callable[..., Any], vals: Sequence[Val]):
-    """``fn`` applied to each half of the varying operands (the others shared): ``vmap``."""
-    axes = [0 if v.varying else None for v in vals]
-    return jax.vmap(fn, in_axes=axes)(*[v.value for v in vals])
-
-
 def bind_per_half(eqn, vals: Sequence[Val]) -> list[Val]:
     """``eqn`` applied to each half: the rule of every primitive linear in its varying
     operands (and of discrete ones, whose outputs carry no multiplier)."""
-    outs = per_half(lambda *xs: bind(eqn, xs), vals)
-    return [Val(o, True) for o in outs]
+    outs_a = bind(eqn, [v.a for v in vals])
+    outs_r = bind(eqn, [v.ref for v in vals])
+    return [Val(a, r) for a, r in zip(outs_a, outs_r, strict=True)]
+
+
+def flatten(vals: Sequence[Val]) -> list:
+    """The arrays of ``vals``: ``a`` of each, then ``r`` of each varying one after it."""
+    out = []
+    for v in vals:
+        out.extend((v.a, v.r) if v.varying else (v.a,))
+    return out
+
+
+def unflatten(arrays: Sequence, flags: Sequence[bool]) -> list[Val]:
+    """Inverse of :func:`flatten` for the varying ``flags``."""
+    it = iter(arrays)
+    return [Val(next(it), next(it)) if f else Val(next(it)) for f in flags]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.scipy.special import erfc
 
 from reference_jax import ops
-from reference_jax.transform.pairs import Val, bind, per_half
+from reference_jax.transform.pairs import Val, bind
 
 __all__ = [
     "BINARY_OPS",
@@ -38,6 +38,7 @@ __all__ = [
     "erf_quotient",
     "pair_rule",
     "rescaled",
+    "ruled",
     "shapley_binary",
 ]
 
@@ -46,25 +47,35 @@ __all__ = [
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def pair_rule(forward: Callable, residual: Callable, backward: Callable, varying: tuple, shared: tuple):
-    """``forward(varying, shared)`` with the backward ``backward(residual(varying, shared), g)``.
-
-    ``varying``: tuple of pairs ``(2, ...)``; ``shared``: tuple of constants (no multiplier);
-    ``backward`` returns one cotangent per varying operand, linear in ``g``.
+def pair_rule(forward: Callable, residual: Callable, backward: Callable, actual: tuple, reference: tuple,
+              shared: tuple):
+    """``forward(actual, shared)`` (the actual half's value) with the backward
+    ``backward(residual(actual, reference, shared), g)``: one cotangent per actual operand,
+    linear in ``g``. ``reference`` and ``shared`` (constants) get none.
     """
-    return forward(varying, shared)
+    return forward(actual, shared)
 
 
-def _pair_rule_fwd(forward, residual, backward, varying, shared):
-    return forward(varying, shared), (residual(varying, shared), shared)
+def _pair_rule_fwd(forward, residual, backward, actual, reference, shared):
+    return forward(actual, shared), (residual(actual, reference, shared), reference, shared)
 
 
 def _pair_rule_bwd(forward, residual, backward, saved, g):
-    res, shared = saved
-    return tuple(backward(res, g)), jax.tree.map(jnp.zeros_like, shared)
+    res, reference, shared = saved
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    return tuple(backward(res, g)), zeros(reference), zeros(shared)
 
 
 pair_rule.defvjp(_pair_rule_fwd, _pair_rule_bwd)
+
+
+def ruled(forward: Callable, residual: Callable, backward: Callable, vals: list[Val], shared: tuple = ()) -> Val:
+    """The varying value of a rule: the actual half by :func:`pair_rule`, the reference half
+    by ``forward`` alone (it is never differentiated)."""
+    actual = tuple(v.a for v in vals)
+    reference = tuple(v.r for v in vals)
+    y_a = pair_rule(forward, residual, backward, actual, reference, shared)
+    return Val(y_a, forward(reference, shared))
 
 
 # --------------------------------------------------------------------------- Rescale
@@ -73,31 +84,30 @@ pair_rule.defvjp(_pair_rule_fwd, _pair_rule_bwd)
 def rescaled(eqn, vals: list[Val], index: int, factor: Callable) -> Val:
     """Rescale of ``eqn`` in its one varying operand ``vals[index]``: ``m_x = m · R`` with
     ``R = factor(x_a, x_r, *others)``, ``others`` the constant operands in order."""
+    shape = jnp.shape(vals[index].a)
 
     def forward(varying, shared):
-        ops_ = list(shared)
-        ops_.insert(index, varying[0])
-        return per_half(lambda *xs: bind(eqn, xs)[0], [Val(v, k == index) for k, v in enumerate(ops_)])
+        operands = list(shared)
+        operands.insert(index, varying[0])
+        return bind(eqn, operands)[0]
 
-    def residual(varying, shared):
-        x = varying[0]
-        return factor(x[0], x[1], *shared)
+    def residual(actual, reference, shared):
+        return factor(actual[0], reference[0], *shared)
 
     def backward(r, g):
-        return (_sum_to(g * r, varying_shape),)
+        return (_sum_to(g * r, shape),)
 
-    varying_shape = jnp.shape(vals[index].value)
-    shared = tuple(v.value for k, v in enumerate(vals) if k != index)
-    return Val(pair_rule(forward, residual, backward, (vals[index].value,), shared), True)
+    shared = tuple(v.a for k, v in enumerate(vals) if k != index)
+    return ruled(forward, residual, backward, [vals[index]], shared)
 
 
 def _sum_to(m, shape):
-    """``m`` summed down to ``shape`` (a scalar operand broadcast against an array)."""
-    if m.shape == tuple(shape):
+    """``m`` summed down to ``shape`` (an operand broadcast against a larger one)."""
+    shape = tuple(shape)
+    if m.shape == shape:
         return m
-    extra = m.ndim - len(shape)
-    m = jnp.sum(m, axis=tuple(range(1, 1 + extra))) if extra else m
-    axes = tuple(i for i, (a, b) in enumerate(zip(m.shape, shape, strict=True)) if a != b)
+    m = jnp.sum(m, axis=tuple(range(m.ndim - len(shape))))
+    axes = tuple(i for i, (a, b) in enumerate(zip(m.shape, shape, strict=True)) if b == 1 and a != 1)
     return jnp.sum(m, axis=axes, keepdims=True) if axes else m
 
 
@@ -197,30 +207,23 @@ def binary_rescaled(eqn, vals: list[Val]) -> Val:
     return rescaled(eqn, vals, index, factor)
 
 
-def _broadcast_pair(pair, shape):
-    """A pair ``(2, *s)`` broadcast to ``(2, *shape)`` (``s`` is ``shape`` or a scalar's ``()``)."""
-    lead = (1,) * (len(shape) - (pair.ndim - 1))
-    return jnp.broadcast_to(pair.reshape((2, *lead, *pair.shape[1:])), (2, *shape))
-
-
 def shapley_binary(eqn, vals: list[Val]) -> Val:
     """A binary elementwise primitive of two varying operands (broadcast to one shape first):
     the two-player Shapley rule of :func:`reference_jax.ops.binary_quotients`."""
     name = BINARY_OPS[eqn.primitive.name]
     shape = eqn.outvars[0].aval.shape
-    u, v = (_broadcast_pair(x.value, shape) for x in vals)
+    vals = [Val(jnp.broadcast_to(v.a, shape), jnp.broadcast_to(v.r, shape)) for v in vals]
 
     def forward(varying, shared):
-        return jax.vmap(lambda a, b: bind(eqn, (a, b))[0])(*varying)
+        return bind(eqn, varying)[0]
 
-    def residual(varying, shared):
-        (u, v) = varying
-        return ops.binary_quotients(name, u[0], u[1], v[0], v[1])
+    def residual(actual, reference, shared):
+        return ops.binary_quotients(name, actual[0], reference[0], actual[1], reference[1])
 
     def backward(q, g):
         return g * q[0], g * q[1]
 
-    return Val(pair_rule(forward, residual, backward, (u, v), ()), True)
+    return ruled(forward, residual, backward, vals)
 
 
 # --------------------------------------------------------------------------- bilinear
@@ -247,19 +250,18 @@ def bilinear(eqn, vals: list[Val]) -> Val:
     """``dot_general`` of two varying operands: the bilinear rule (each operand's multiplier
     is the VJP at the other operand's mean), ``ops.OP_SPECS["einsum"].rule``."""
     u, v = vals
-    equation = einsum_equation(eqn.params["dimension_numbers"], u.value.ndim - 1, v.value.ndim - 1)
+    equation = einsum_equation(eqn.params["dimension_numbers"], jnp.ndim(u.a), jnp.ndim(v.a))
     rule = ops.OP_SPECS["einsum"].rule
 
     def forward(varying, shared):
-        return jax.vmap(lambda a, b: bind(eqn, (a, b))[0])(*varying)
+        return bind(eqn, varying)[0]
 
-    def residual(varying, shared):
-        return varying
+    def residual(actual, reference, shared):
+        return actual, reference
 
     def backward(res, g):
-        (u, v) = res
-        one = lambda m: rule(m, (u[0], v[0]), (u[1], v[1]), equation=equation)  # noqa: E731
-        m_u, m_v = jax.vmap(one)(g)
-        return m_u.astype(u.dtype), m_v.astype(v.dtype)
+        actual, reference = res
+        m_u, m_v = rule(g, actual, reference, equation=equation)
+        return m_u.astype(actual[0].dtype), m_v.astype(actual[1].dtype)
 
-    return Val(pair_rule(forward, residual, backward, (u.value, v.value), ()), True)
+    return ruled(forward, residual, backward, vals)

@@ -22,12 +22,11 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.extend.core import Literal, Var
 
 from reference_jax import ops
-from reference_jax.transform.pairs import Val, bind, per_half
-from reference_jax.transform.rules import pair_rule
+from reference_jax.transform.pairs import Val, bind
+from reference_jax.transform.rules import ruled
 
 __all__ = ["Unit", "find_units", "group_forward", "named_unit", "named_value", "reduce_extremum", "unit_value"]
 
@@ -225,24 +224,18 @@ def _dim(axes: tuple[int, ...]):
 
 
 def unit_value(kind: str, x: Val, axes: tuple[int, ...], forward) -> Val:
-    """The unit ``kind`` of ``ops.OP_SPECS`` on the pair ``x``; ``forward(x_half)`` gives each
-    half's value (the user's own computation)."""
+    """The unit ``kind`` of ``ops.OP_SPECS`` on ``x``; ``forward(half)`` gives each half's
+    value (the user's own computation)."""
     if not x.varying:
-        return Val(forward(x.value), False)
+        return Val(forward(x.a))
     rule = ops.OP_SPECS[kind].rule
     params = {"dim": _dim(axes)}
 
-    def fwd(varying, shared):
-        return jax.vmap(forward)(varying[0])
+    def backward(res, g):
+        (x_a,), (x_r,) = res
+        return (rule(g, (x_a,), (x_r,), **params)[0].astype(x_a.dtype),)
 
-    def residual(varying, shared):
-        return varying[0]
-
-    def backward(x, g):
-        one = lambda m: rule(m, (x[0],), (x[1],), **params)[0]  # noqa: E731
-        return (jax.vmap(one)(g).astype(x.dtype),)
-
-    return Val(pair_rule(fwd, residual, backward, (x.value,), ()), True)
+    return ruled(lambda v, _: forward(v[0]), lambda a, r, _: (a, r), backward, [x])
 
 
 def group_forward(kind: str, axes: tuple[int, ...]):
@@ -270,17 +263,10 @@ def named_unit(eqn, vals: list[Val]):
 def relu_value(eqn, x: Val) -> Val:
     """``jax.nn.relu`` by the relu rule of ``ops`` (torch's derivative 0 at 0)."""
 
-    def forward(varying, shared):
-        return per_half(lambda h: bind(eqn, (h,))[0], [Val(varying[0], True)])
+    def residual(actual, reference, shared):
+        return ops.unary_rescale_factor("relu", actual[0], reference[0])
 
-    def residual(varying, shared):
-        z = varying[0]
-        return ops.unary_rescale_factor("relu", z[0], z[1])
-
-    def backward(r, g):
-        return (g * r,)
-
-    return Val(pair_rule(forward, residual, backward, (x.value,), ()), True)
+    return ruled(lambda v, _: bind(eqn, v)[0], residual, lambda r, g: (g * r,), [x])
 
 
 def named_value(eqn, kind: str, axes, vals: list[Val]) -> Val:
@@ -297,14 +283,8 @@ def reduce_extremum(eqn, x: Val) -> Val:
     sign = 1.0 if eqn.primitive.name == "reduce_max" else -1.0
     rule = ops.OP_SPECS["amax"].rule
 
-    def forward(varying, shared):
-        return per_half(lambda h: bind(eqn, (h,))[0], [Val(varying[0], True)])
+    def backward(res, g):
+        (x_a,), (x_r,) = res
+        return (rule(g, (sign * x_a,), (sign * x_r,), dim=axis)[0].astype(x_a.dtype),)
 
-    def residual(varying, shared):
-        return varying[0]
-
-    def backward(x, g):
-        one = lambda m: rule(m, (sign * x[0],), (sign * x[1],), dim=axis)[0]  # noqa: E731
-        return (jax.vmap(one)(g).astype(x.dtype),)
-
-    return Val(pair_rule(forward, residual, backward, (x.value,), ()), True)
+    return ruled(lambda v, _: bind(eqn, v)[0], lambda a, r, _: (a, r), backward, [x])
