@@ -23,7 +23,7 @@ from test_crosscheck_sequences import _module  # the same torch module from a co
 
 import reference_jax as oracle
 
-N_CONFIGS = {"lstm": 4, "gru": 3, "rnn": 3}
+N_CONFIGS = {"lstm": 3, "gru": 3, "rnn": 2}
 
 
 # --------------------------------------------------------------------------- the user's model
@@ -90,8 +90,8 @@ def _config(kind: str, index: int):
     rng = np.random.default_rng(zlib.crc32(f"jaxfn-{kind}-{index}".encode()))
     config = dict(
         num_layers=int(rng.integers(1, 3)),
-        bidirectional=bool(rng.integers(2)),
-        bias=bool(rng.random() < 0.75),
+        bidirectional=index % 2 == 1,  # each kind runs both directions and, at index 2, no bias
+        bias=index != 2,
         steps=int(rng.integers(1, 9)),
         batch=int(rng.integers(1, 4)),
         features=int(rng.integers(1, 5)),
