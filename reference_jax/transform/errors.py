@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax._src import source_info_util  # noqa: PLC2701 - the only way to name a jaxpr line
+
+try:  # JAX's private helper is the only way to name a jaxpr equation's line; optional
+    from jax._src import source_info_util
+except ImportError:  # pragma: no cover - a JAX that moved it: messages say "an unknown place"
+    source_info_util = None
 
 __all__ = ["DeepLiftError", "equal_halves", "unsupported", "where"]
 
@@ -24,7 +28,7 @@ def where(eqn) -> str:
     """``"<primitive> at <file>:<line> (<function>)"`` for a jaxpr equation."""
     try:
         place = source_info_util.summarize(eqn.source_info)
-    except Exception:  # pragma: no cover - source info is best effort across JAX versions
+    except Exception:  # pragma: no cover - source info is best effort across JAX versions (or absent)
         place = "an unknown place"
     text = str(eqn).replace("\n", " ")
     if len(text) > 160:
