@@ -751,15 +751,20 @@ class TimeMajorGRU(nn.Module):
         return self.out(self.gru(x)[1][-1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a time-major model input (T, N, F) is doubled along time by Captum; "
-                   "with an even N the GRU rule pairs batch rows j and j + N/2 and returns meaningless attributions "
-                   "without an error (odd N: DoubledBatchError blaming an odd batch, not the time-major input)")
 def test_a_time_major_model_input_is_refused_by_name():
+    """Captum doubles dim 0 (time): with an even N the GRU rule used to pair batch rows j and
+    j + N/2 without an error (odd N: a DoubledBatchError blaming an odd batch). Now the GRU's
+    input is refused by name, with even and odd N, in Captum and shap; the model is left as found."""
     torch.manual_seed(0)
     model = TimeMajorGRU().double().eval()
-    x, baseline = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
-    with pytest.raises(torch_handler.DoubledBatchError):
-        captum_deeplift(model, x, baseline, 0)
+    for n in (4, 3):
+        x, baseline = torch.randn(6, n, 3, dtype=torch.float64), torch.randn(6, n, 3, dtype=torch.float64)
+        before = snapshot(model, x)
+        with pytest.raises(torch_handler.DoubledBatchError, match=r"GRU \(batch_first=False.*time-major"):
+            captum_deeplift(model, x, baseline, 0)
+        with pytest.raises(torch_handler.DoubledBatchError, match=r"GRU \(batch_first=False.*time-major"):
+            explain(model, baseline, x)
+        assert_unchanged(model, x, before)
 
 
 # --- torch.compile'd models -------------------------------------------------------------------------
