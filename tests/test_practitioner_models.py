@@ -692,9 +692,9 @@ class RevINForecaster(nn.Module):
         return y * std[:, 0] + mean[:, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: detach() of input-dependent statistics (RevIN) is invisible to "
-                   "deeplift_mode: Captum misses ~100% of the output scale with no warning, even under strict=True")
 def test_revin_detached_statistics_are_named_under_strict():
+    """detach() of input-dependent statistics used to be invisible to deeplift_mode: Captum
+    missed ~100 % of the output scale with no warning, even under strict=True."""
     torch.manual_seed(0)
     model = RevINForecaster().double().eval()
     X, baseline = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(1, 6, 3, dtype=torch.float64)

@@ -429,7 +429,7 @@ _PASS = frozenset(
     element_size is_contiguous storage_offset get_device __format__ __repr__ __bool__ __index__
     __int__ __float__ tolist item __hash__ nelement ndimension has_names _is_view __iter__
     __contains__ requires_grad_ register_hook retain_grad backward _version _set_grad_enabled
-    is_grad_enabled equal allclose isclose isnan isinf isfinite detach detach_ new_zeros
+    is_grad_enabled equal allclose isclose isnan isinf isfinite detach_ new_zeros
     new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like
     new_tensor __setstate__ __reduce_ex__ __deepcopy__ __array__ cpu cuda numpy __dlpack__
     untyped_storage _make_subclass""".split()
@@ -612,7 +612,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             for c in constants:
                 if self.differs(c):
                     origin, origin_where = self.constants[c]
-                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN),
+                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN, origin),
                                         where=origin_where)
                     break
         return out
@@ -752,7 +752,7 @@ def _no_rule_advice(name: str) -> str:
     )
 
 
-def _constant_advice(consumer: str, unfollowed: bool) -> str:
+def _constant_advice(consumer: str, unfollowed: bool, origin: str = "") -> str:
     """The UnsupportedOpWarning text for a gradient-free input-dependent tensor (a mask,
     indices, an integer cast) that reaches a differentiable result through ``consumer``."""
     if unfollowed:
@@ -766,6 +766,8 @@ def _constant_advice(consumer: str, unfollowed: bool) -> str:
         "difference it causes gets no attribution. Use references that give the same result "
         "(e.g. padded like their input: see docs/masks.md), or compute it from "
         "input-independent tensors"
+        + (" (or drop the `.detach()`: DeepLIFT then attributes through the value, e.g. "
+           "RevIN statistics)" if origin == "detach" else "")
     )
 
 
@@ -1884,6 +1886,10 @@ _HANDLERS.update(
         "stack": _cat,
         "contiguous": _same,
         "clone": _same,
+        # detach() of an input-dependent tensor: followed as a gradient-free constant (see
+        # _follow_constants), like a mask; engines' own detaches of stored values never reach
+        # a differentiable op inside the model, so they are never reported.
+        "detach": _same,
         "to": _same,
         "type": _same,
         "type_as": _same,
