@@ -718,11 +718,9 @@ class SortedPackedLSTM(nn.Module):
         return self.out(h_n[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pack_padded_sequence(enforce_sorted=True) on a batch sorted by length "
-                   "fails inside deeplift_mode with torch's RuntimeError '`lengths` array must be sorted' (the doubled "
-                   "batch cat([x, refs]) is not sorted); expected exact, or an error naming enforce_sorted / the "
-                   "doubled batch")
 def test_sorted_batch_packed_with_enforce_sorted_is_exact_or_named():
+    """pack_padded_sequence(enforce_sorted=True) used to fail inside deeplift_mode with torch's
+    RuntimeError '`lengths` array must be sorted' (the doubled batch cat([x, refs]) is not)."""
     torch.manual_seed(0)
     model = SortedPackedLSTM().double().eval()
     x, lengths = padded_series(torch.float64, lengths=(7, 5, 4, 2))  # sorted, as the idiom requires

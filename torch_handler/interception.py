@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.weak import WeakIdKeyDictionary, WeakTensorKeyDictionary
 
 from . import batch_axis as ba
@@ -237,6 +238,13 @@ def _pre_hook(module, args):
         return None
     if module in ex.recurrent:
         _check_recurrent_input(module, ex.mode, args)
+        packed = args[0] if args else None
+        if isinstance(packed, PackedSequence) and packed.sorted_indices is None and packed.data in ex.mode.packed_order:
+            # packed sorted by _pack_padded (enforce_sorted=True, doubled batch): hand over the order
+            order = ex.mode.packed_order[packed.data]
+            args = (PackedSequence(packed.data, packed.batch_sizes, order), *args[1:])
+            ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
+            return args
         ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
     elif module in ex.engine_ruled:
         _check_engine_input(module, ex.mode, args)
@@ -463,6 +471,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         self.by_node: dict = {}
         self.packed_outputs = WeakTensorKeyDictionary()  # recurrent PackedSequence.data -> order
         self.sorted_rows = WeakTensorKeyDictionary()  # padded in sorted order -> (dim, unsorted)
+        self.packed_order = WeakTensorKeyDictionary()  # data packed sorted by _pack_padded -> order
         # Input-dependent tensors without a gradient (masks, indices, integer casts) -> the op
         # that made one from the input, ("gt", "MaskedMean.forward").
         self.constants = WeakTensorKeyDictionary()
@@ -1654,8 +1663,23 @@ def _sort(mode, func, name, args, kwargs):
 
 
 def _pack_padded(mode, func, name, args, kwargs):
-    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it."""
+    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it.
+
+    Unsorted lengths here mean ``enforce_sorted=True`` (otherwise torch sorted them already): a
+    batch sorted by length, whose doubled batch cat([x, refs]) is not. It is packed sorted, as
+    ``enforce_sorted=False`` would, and the order is kept (``packed_order``) for the recurrent
+    module (see ``_pre_hook``), which returns its rows in the original order, as torch does."""
+    x, lengths = args[0], args[1]
+    axis = mode.axis_of(x)
+    batch_dim = 0 if _arg(args, kwargs, 2, "batch_first") else 1
+    order = None
+    if (axis not in (None, UNKNOWN) and axis.dim == batch_dim and ba.is_plain(tuple(x.shape), axis)
+            and lengths.dim() == 1 and bool((lengths[1:] > lengths[:-1]).any())):
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        args = (x.index_select(batch_dim, order.to(x.device)), lengths[order], *args[2:])
     out = func(*args, **kwargs)
+    if order is not None:
+        mode.packed_order[out[0]] = order.to(x.device)
     for o in _flat(out):
         mode.mark(o, UNKNOWN if isinstance(o, Tensor) and o.is_floating_point() else None)
     return out
