@@ -692,9 +692,9 @@ class RevINForecaster(nn.Module):
         return y * std[:, 0] + mean[:, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: detach() of input-dependent statistics (RevIN) is invisible to "
-                   "deeplift_mode: Captum misses ~100% of the output scale with no warning, even under strict=True")
 def test_revin_detached_statistics_are_named_under_strict():
+    """detach() of input-dependent statistics used to be invisible to deeplift_mode: Captum
+    missed ~100 % of the output scale with no warning, even under strict=True."""
     torch.manual_seed(0)
     model = RevINForecaster().double().eval()
     X, baseline = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(1, 6, 3, dtype=torch.float64)
@@ -718,11 +718,9 @@ class SortedPackedLSTM(nn.Module):
         return self.out(h_n[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pack_padded_sequence(enforce_sorted=True) on a batch sorted by length "
-                   "fails inside deeplift_mode with torch's RuntimeError '`lengths` array must be sorted' (the doubled "
-                   "batch cat([x, refs]) is not sorted); expected exact, or an error naming enforce_sorted / the "
-                   "doubled batch")
 def test_sorted_batch_packed_with_enforce_sorted_is_exact_or_named():
+    """pack_padded_sequence(enforce_sorted=True) used to fail inside deeplift_mode with torch's
+    RuntimeError '`lengths` array must be sorted' (the doubled batch cat([x, refs]) is not)."""
     torch.manual_seed(0)
     model = SortedPackedLSTM().double().eval()
     x, lengths = padded_series(torch.float64, lengths=(7, 5, 4, 2))  # sorted, as the idiom requires
@@ -751,15 +749,20 @@ class TimeMajorGRU(nn.Module):
         return self.out(self.gru(x)[1][-1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a time-major model input (T, N, F) is doubled along time by Captum; "
-                   "with an even N the GRU rule pairs batch rows j and j + N/2 and returns meaningless attributions "
-                   "without an error (odd N: DoubledBatchError blaming an odd batch, not the time-major input)")
 def test_a_time_major_model_input_is_refused_by_name():
+    """Captum doubles dim 0 (time): with an even N the GRU rule used to pair batch rows j and
+    j + N/2 without an error (odd N: a DoubledBatchError blaming an odd batch). Now the GRU's
+    input is refused by name, with even and odd N, in Captum and shap; the model is left as found."""
     torch.manual_seed(0)
     model = TimeMajorGRU().double().eval()
-    x, baseline = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
-    with pytest.raises(torch_handler.DoubledBatchError):
-        captum_deeplift(model, x, baseline, 0)
+    for n in (4, 3):
+        x, baseline = torch.randn(6, n, 3, dtype=torch.float64), torch.randn(6, n, 3, dtype=torch.float64)
+        before = snapshot(model, x)
+        with pytest.raises(torch_handler.DoubledBatchError, match=r"GRU \(batch_first=False.*time-major"):
+            captum_deeplift(model, x, baseline, 0)
+        with pytest.raises(torch_handler.DoubledBatchError, match=r"GRU \(batch_first=False.*time-major"):
+            explain(model, baseline, x)
+        assert_unchanged(model, x, before)
 
 
 # --- torch.compile'd models -------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.weak import WeakIdKeyDictionary, WeakTensorKeyDictionary
 
 from . import batch_axis as ba
@@ -236,6 +237,14 @@ def _pre_hook(module, args):
     if ex.mode is None:
         return None
     if module in ex.recurrent:
+        _check_recurrent_input(module, ex.mode, args)
+        packed = args[0] if args else None
+        if isinstance(packed, PackedSequence) and packed.sorted_indices is None and packed.data in ex.mode.packed_order:
+            # packed sorted by _pack_padded (enforce_sorted=True, doubled batch): hand over the order
+            order = ex.mode.packed_order[packed.data]
+            args = (PackedSequence(packed.data, packed.batch_sizes, order), *args[1:])
+            ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
+            return args
         ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
     elif module in ex.engine_ruled:
         _check_engine_input(module, ex.mode, args)
@@ -370,6 +379,27 @@ def _mark_recurrent_outputs(mode: InterceptMode, module, args, output) -> None:
             mode.mark(s, Axis(0, size))
 
 
+def _check_recurrent_input(module, mode: InterceptMode, args) -> None:
+    """A recurrent module pairs rows along its own batch dim (dim 1 of a time-major input):
+    refuse an input whose doubled batch is known to sit in another dim, typically a time-major
+    model input (T, N, F), which the engines double along dim 0, its time."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        return  # a PackedSequence is checked when unpacked; unbatched input by the module
+    batch_dim = 1 if isinstance(module, nn.RNNBase) and not module.batch_first and x.dim() == 3 else 0
+    axis = mode.axis_of(x)
+    if axis is None or axis is UNKNOWN or axis.dim == batch_dim:
+        return
+    layout = "batch_first=False: (time, batch, features)" if batch_dim == 1 else "its batch in dim 0"
+    raise DoubledBatchError(
+        f"{type(module).__name__} ({layout}) receives a tensor of shape {tuple(x.shape)} whose "
+        f"doubled batch (inputs and references) is dim {axis.dim}, not its batch dim {batch_dim}: "
+        "the rule would pair the wrong rows. A time-major model input? The engines double dim 0 "
+        "of every model input, so pass the batch first (N, T, F) and move it inside forward "
+        "(e.g. x.transpose(0, 1) before this module, or batch_first=True)."
+    )
+
+
 def _check_engine_input(module, mode: InterceptMode, args) -> None:
     x = _first_tensor(args)
     if x is None:
@@ -407,7 +437,7 @@ _PASS = frozenset(
     element_size is_contiguous storage_offset get_device __format__ __repr__ __bool__ __index__
     __int__ __float__ tolist item __hash__ nelement ndimension has_names _is_view __iter__
     __contains__ requires_grad_ register_hook retain_grad backward _version _set_grad_enabled
-    is_grad_enabled equal allclose isclose isnan isinf isfinite detach detach_ new_zeros
+    is_grad_enabled equal allclose isclose isnan isinf isfinite detach_ new_zeros
     new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like
     new_tensor __setstate__ __reduce_ex__ __deepcopy__ __array__ cpu cuda numpy __dlpack__
     untyped_storage _make_subclass""".split()
@@ -441,6 +471,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         self.by_node: dict = {}
         self.packed_outputs = WeakTensorKeyDictionary()  # recurrent PackedSequence.data -> order
         self.sorted_rows = WeakTensorKeyDictionary()  # padded in sorted order -> (dim, unsorted)
+        self.packed_order = WeakTensorKeyDictionary()  # data packed sorted by _pack_padded -> order
         # Input-dependent tensors without a gradient (masks, indices, integer casts) -> the op
         # that made one from the input, ("gt", "MaskedMean.forward").
         self.constants = WeakTensorKeyDictionary()
@@ -590,7 +621,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             for c in constants:
                 if self.differs(c):
                     origin, origin_where = self.constants[c]
-                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN),
+                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN, origin),
                                         where=origin_where)
                     break
         return out
@@ -730,7 +761,7 @@ def _no_rule_advice(name: str) -> str:
     )
 
 
-def _constant_advice(consumer: str, unfollowed: bool) -> str:
+def _constant_advice(consumer: str, unfollowed: bool, origin: str = "") -> str:
     """The UnsupportedOpWarning text for a gradient-free input-dependent tensor (a mask,
     indices, an integer cast) that reaches a differentiable result through ``consumer``."""
     if unfollowed:
@@ -744,6 +775,8 @@ def _constant_advice(consumer: str, unfollowed: bool) -> str:
         "difference it causes gets no attribution. Use references that give the same result "
         "(e.g. padded like their input: see docs/masks.md), or compute it from "
         "input-independent tensors"
+        + (" (or drop the `.detach()`: DeepLIFT then attributes through the value, e.g. "
+           "RevIN statistics)" if origin == "detach" else "")
     )
 
 
@@ -1630,8 +1663,23 @@ def _sort(mode, func, name, args, kwargs):
 
 
 def _pack_padded(mode, func, name, args, kwargs):
-    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it."""
+    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it.
+
+    Unsorted lengths here mean ``enforce_sorted=True`` (otherwise torch sorted them already): a
+    batch sorted by length, whose doubled batch cat([x, refs]) is not. It is packed sorted, as
+    ``enforce_sorted=False`` would, and the order is kept (``packed_order``) for the recurrent
+    module (see ``_pre_hook``), which returns its rows in the original order, as torch does."""
+    x, lengths = args[0], args[1]
+    axis = mode.axis_of(x)
+    batch_dim = 0 if _arg(args, kwargs, 2, "batch_first") else 1
+    order = None
+    if (axis not in (None, UNKNOWN) and axis.dim == batch_dim and ba.is_plain(tuple(x.shape), axis)
+            and lengths.dim() == 1 and bool((lengths[1:] > lengths[:-1]).any())):
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        args = (x.index_select(batch_dim, order.to(x.device)), lengths[order], *args[2:])
     out = func(*args, **kwargs)
+    if order is not None:
+        mode.packed_order[out[0]] = order.to(x.device)
     for o in _flat(out):
         mode.mark(o, UNKNOWN if isinstance(o, Tensor) and o.is_floating_point() else None)
     return out
@@ -1862,6 +1910,10 @@ _HANDLERS.update(
         "stack": _cat,
         "contiguous": _same,
         "clone": _same,
+        # detach() of an input-dependent tensor: followed as a gradient-free constant (see
+        # _follow_constants), like a mask; engines' own detaches of stored values never reach
+        # a differentiable op inside the model, so they are never reported.
+        "detach": _same,
         "to": _same,
         "type": _same,
         "type_as": _same,
