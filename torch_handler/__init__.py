@@ -36,6 +36,7 @@ from .shap_integration import (
     unregister,
 )
 from .versions import UnsupportedVersionError, UntestedVersionWarning
+from .dataset import deep_shap  # last: it imports the names above from torch_handler
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "UnsupportedVersionError",
     "UntestedVersionWarning",
     "current_explanation",
+    "deep_shap",
     "deeplift_mode",
     "gru_cell_handler",
     "gru_handler",
