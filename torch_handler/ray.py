@@ -97,7 +97,7 @@ class DeepShap:
         self.model = _actor_model(model, self.device)
         self.columns = _names(column, "column")
         self.output_columns = _output_names(output_column, self.columns)
-        self.references = _place_references(references, len(self.columns), self.device)
+        self.references = _cpu_references(references, len(self.columns))
         if target is not None and not isinstance(target, (int, str)):
             raise TypeError(
                 f"DeepShap: target must be an int, None or the name of a column of output indices, "
@@ -120,8 +120,10 @@ class DeepShap:
                     f"DeepShap: the output column {name!r} is already in the batch; choose another "
                     "output_column=... or drop the column first"
                 )
+        # Inputs and shared references stay on the CPU; deep_shap moves each chunk of pairs to ``device`` and the shared
+        # references once, and returns the values on the inputs' device.
         inputs = tuple(
-            _column_tensor(batch, name, reference, self.device)
+            _column_tensor(batch, name, reference)
             for name, reference in zip(self.columns, self._reference_rows(), strict=True)
         )
         values = deep_shap(
@@ -157,7 +159,7 @@ class DeepShap:
                 f"DeepShap: the target column {self.target!r} must hold one integer output index per "
                 f"row, got dtype {indices.dtype} and shape {indices.shape} for {rows} rows"
             )
-        return torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        return torch.as_tensor(indices, dtype=torch.long)
 
 
 def _actor_device() -> torch.device:
@@ -208,8 +210,9 @@ def _output_names(output_column: str | Sequence[str], columns: tuple[str, ...]) 
     return names
 
 
-def _place_references(references, inputs: int, device: torch.device):
-    """references as deep_shap takes them, on ``device``: a tensor, a tuple, or the callable."""
+def _cpu_references(references, inputs: int):
+    """references as deep_shap takes them, on the CPU like the columns: a tensor, a tuple of
+    them, or the callable (whose results must be on the CPU too)."""
     if callable(references) and not isinstance(references, (torch.Tensor, np.ndarray)):
         return references
     refs = references if isinstance(references, (tuple, list)) else (references,)
@@ -218,7 +221,7 @@ def _place_references(references, inputs: int, device: torch.device):
             f"DeepShap: {len(refs)} reference tensors for {inputs} input columns; give one (S, ...) "
             "reference tensor per input column, in the same order"
         )
-    placed = tuple(torch.as_tensor(r).to(device) for r in refs)
+    placed = tuple(torch.as_tensor(r).cpu() for r in refs)
     for r in placed:
         if not r.is_floating_point():
             raise TypeError(
@@ -237,8 +240,8 @@ def _column(batch: Mapping[str, np.ndarray], name: str, role: str) -> np.ndarray
     return np.asarray(batch[name])
 
 
-def _column_tensor(batch, name: str, reference: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The column as a tensor of the references' dtype on ``device``, checked first."""
+def _column_tensor(batch, name: str, reference: torch.Tensor | None) -> torch.Tensor:
+    """The column as a CPU tensor of the references' dtype, checked first."""
     array = _column(batch, name, "input")
     if array.dtype.kind not in _NUMERIC_KINDS:
         hint = (
@@ -247,11 +250,13 @@ def _column_tensor(batch, name: str, reference: torch.Tensor | None, device: tor
             else "it must hold numbers"
         )
         raise TypeError(f"DeepShap: the input column {name!r} has dtype {array.dtype}: {hint}")
+    if not array.flags.writeable:  # Ray hands out read-only views of its blocks; torch warns on them
+        array = array.copy()
     if reference is None:  # callable references: deep_shap checks what they return
-        return torch.as_tensor(array).to(device)
+        return torch.as_tensor(array)
     if array.shape[1:] != reference.shape[1:]:
         raise ValueError(
             f"DeepShap: the input column {name!r} has rows of shape {array.shape[1:]}, the references "
             f"{tuple(reference.shape[1:])}; every row must have the references' row shape"
         )
-    return torch.as_tensor(array).to(device=device, dtype=reference.dtype)
+    return torch.as_tensor(array, dtype=reference.dtype)
