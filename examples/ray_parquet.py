@@ -78,7 +78,7 @@ def explain(inputs: Path, output: Path, weights: Path, references: torch.Tensor,
         DeepShap,
         fn_constructor_kwargs=dict(model=functools.partial(load_forecaster, str(weights)),
                                    references=references),
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
         batch_size=rows_per_call,
     ).write_parquet(str(output))

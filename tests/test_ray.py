@@ -107,7 +107,7 @@ def test_ray_equals_in_process(cluster, data):
     labels = np.arange(ROWS) % 3
     dataset = rows_dataset({"data": x.numpy(), "label": labels}).map_batches(
         DeepShap, fn_constructor_kwargs=dict(model=build_classifier(), references=references, target="label"),
-        concurrency=2, batch_size=5)
+        compute=ray.data.ActorPoolStrategy(size=2), batch_size=5)
     values = collect(dataset, "shap")
     assert_same_values(values["shap"], in_process(x, references, target=torch.as_tensor(labels)))
 
@@ -127,7 +127,7 @@ def test_several_input_columns_and_a_builder(cluster, data):
         DeepShap,
         fn_constructor_kwargs=dict(model=lambda: build_classifier(static=2), column=("seq", "static"),
                                    references=(references, static_references), target=2),
-        concurrency=1, batch_size=7)
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=7)
     values = collect(dataset, "shap_seq", "shap_static")
     expected = in_process((x, static), (references, static_references), target=2)
     assert_same_values(values["shap_seq"], expected[0])
@@ -174,7 +174,7 @@ def test_an_actor_failing_part_way_is_retried(cluster, data, tmp_path, failure):
             FailsOnce,
             fn_constructor_kwargs=dict(model=build_classifier(), references=references, target=0,
                                        marker=str(marker), failure=failure, doomed=13),
-            concurrency=1, batch_size=4, max_restarts=2, max_task_retries=2)
+            compute=ray.data.ActorPoolStrategy(size=1), batch_size=4, max_restarts=2, max_task_retries=2)
         values = collect(dataset, "shap", "pid", "threads")
     finally:
         context.actor_task_retry_on_errors = retry_on
@@ -190,7 +190,7 @@ def test_an_error_in_an_actor_reaches_the_driver(cluster, data):
     x, references, _, _ = data
     dataset = rows_dataset({"data": x.numpy()}).map_batches(
         DeepShap, fn_constructor_kwargs=dict(model=build_classifier(), references=references, column="windows"),
-        concurrency=1, batch_size=8)
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=8)
     with pytest.raises(Exception, match=r"the input column 'windows' is not in the batch.*\['data', 'id'\]"):
         dataset.take_all()
 

@@ -5,7 +5,8 @@
 
     ds = ray.data.from_numpy(X).map_batches(          # X (N, T, F) -> column "data"
         DeepShap, fn_constructor_kwargs=dict(model=model, references=R, target=1),
-        concurrency=4, batch_size=256)                 # + num_gpus=1 for GPU actors
+        compute=ray.data.ActorPoolStrategy(size=4),    # 4 actors; + num_gpus=1 for GPU actors
+        batch_size=256)                                # rows per call
     ds.write_parquet("shap/")                          # column "shap": (N, T, F)
 
 Each actor builds (or unpickles) the model once, then every batch it receives goes through
