@@ -35,12 +35,15 @@ except ImportError as error:  # pragma: no cover - the message is the point
         "(on every node of the cluster, with the same torch as the driver)"
     ) from error
 
-from . import deep_shap
+from . import cpu_loops, deep_shap
 
 Tensors = torch.Tensor | tuple[torch.Tensor, ...]
 # numpy kinds deep_shap can take after a cast to the references' dtype: bool, signed and
 # unsigned integers (one-hot DNA is often stored as uint8), floats.
 _NUMERIC_KINDS = "biuf"
+# How long an actor waits for the compiled CPU loops (loaded from the disk cache at once;
+# compiled in about 2 s the first time on a node); without a compiler the eager loops serve.
+CPU_LOOPS_WAIT_S = 120.0
 
 
 class DeepShap:
@@ -96,6 +99,10 @@ class DeepShap:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device) if device is not None else _actor_device()
         self.model = _actor_model(model, self.device)
+        if self.device.type == "cpu":
+            # An actor is a fresh process: have the compiled loops ready before the first
+            # batch, instead of running the eager ones while they load in the background.
+            cpu_loops.load(timeout=CPU_LOOPS_WAIT_S)
         self.columns = _names(column, "column")
         self.output_columns = _output_names(output_column, self.columns)
         self.references = _cpu_references(references, len(self.columns))
