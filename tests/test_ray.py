@@ -100,9 +100,8 @@ def in_process(inputs, references, **kwargs):
 
 
 def test_ray_equals_in_process(cluster, data):
-    """A module (pickled to each actor), 2 actors, 5 rows a call (blocks of 6 rows: calls of
-    5 and 1), each row's output index in a column: the values of in-process deep_shap with
-    the per-input target tensor."""
+    """A module (pickled to each actor), 2 actors, 5 rows a call, each row's output index in a
+    column: the values of in-process deep_shap with the per-input target tensor."""
     x, references, _, _ = data
     labels = np.arange(ROWS) % 3
     dataset = rows_dataset({"data": x.numpy(), "label": labels}).map_batches(
@@ -245,7 +244,8 @@ def test_the_callers_model_is_left_as_found(data):
     _, references, _, _ = data
     model = build_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    DeepShap(model, references, target=0)
+    explainer = DeepShap(model, references, target=0)
+    assert not explainer.model.training  # the actor's copy explains in eval mode
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
