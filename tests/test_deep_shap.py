@@ -283,4 +283,4 @@ def test_default_batch_size_comes_from_the_memory_a_pair_needs():
     # The rule saves at least the gates of both layers for both rows of a pair: 2 x 2 x 7 x 32 floats.
     assert per_pair >= 2 * 2 * 7 * 4 * 8 * 4
     pairs = chunking.choose_pairs(per_pair, torch.device("cpu"))
-    assert 1 <= pairs <= chunking.MAX_PAIRS and pairs * per_pair <= chunking.CPU_BUDGET_BYTES
+    assert 1 <= pairs <= chunking.CPU_MAX_PAIRS and pairs * per_pair <= chunking.CPU_BUDGET_BYTES

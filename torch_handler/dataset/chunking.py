@@ -5,8 +5,10 @@ The memory a pair needs is measured, not guessed: one small probe forward inside
 (``torch.autograd.graph.saved_tensors_hooks``, which sees the rules' own saved tensors too),
 plus the pair's own tensors (x, r, the doubled batch, x − r, its gradient, the sums). The
 budget is a share of the device's free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: the
-kernel's MemAvailable), capped on CPUs, where chunks past a few MiB of activations no longer
-run faster and only evict the caches.
+kernel's MemAvailable), capped on CPUs in bytes and in pairs, where larger chunks no longer run
+faster and only evict the caches (measured, one thread, the rule's throughput in pairs/s: the
+demo model peaks at 1024–4096 pairs per chunk, a 2-layer LSTM (T 50, H 64) near 512, a one-hot
+LSTM over T 1000 near 128, where the byte cap gives 161; ``benchmarks/dataset.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 # Share of the free memory one chunk may take (the rest: the model, other processes, the
 # allocator's slack).
 FREE_SHARE = 0.25
-# On CPUs a larger chunk only costs memory: throughput is flat from a few hundred pairs on.
-CPU_BUDGET_BYTES = 192 << 20
+# On CPUs a larger chunk only costs memory and cache: see the module docstring.
+CPU_BUDGET_BYTES = 256 << 20
+CPU_MAX_PAIRS = 1024
 # Above this many pairs a chunk gains nothing on any device, and a bad estimate costs less.
 MAX_PAIRS = 1 << 16
 PROBE_PAIRS = 4
@@ -69,6 +72,7 @@ def pair_bytes(probe, pairs: int, row_bytes: int, outputs: int) -> int:
 def choose_pairs(per_pair: int, device: torch.device) -> int:
     """Pairs per chunk for a device with its current free memory."""
     budget = free_bytes(device) * FREE_SHARE
+    most = MAX_PAIRS
     if device.type != "cuda":
-        budget = min(budget, CPU_BUDGET_BYTES)
-    return int(max(1, min(MAX_PAIRS, budget // max(1, per_pair))))
+        budget, most = min(budget, CPU_BUDGET_BYTES), CPU_MAX_PAIRS
+    return int(max(1, min(most, budget // max(1, per_pair))))
