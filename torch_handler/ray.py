@@ -128,8 +128,8 @@ class DeepShap:
                     f"DeepShap: the output column {name!r} is already in the batch; choose another "
                     "output_column=... or drop the column first"
                 )
-        # Inputs and shared references stay on the CPU; deep_shap moves each chunk of pairs to ``device`` and the shared
-        # references once, and returns the values on the inputs' device.
+        # The inputs and shared references stay on the CPU: deep_shap moves each chunk of pairs
+        # (and the shared references once) to ``device`` and returns the values on the CPU.
         inputs = tuple(
             _column_tensor(batch, name, reference)
             for name, reference in zip(self.columns, self._reference_rows(), strict=True)
