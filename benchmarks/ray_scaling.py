@@ -6,6 +6,8 @@ Model: a 2-layer LSTM classifier (T 50, F 8, H 64, 2 outputs, float32), target 0
 inputs x ``references`` shared references. Every run uses one torch thread per process:
 
 * in-process: ``torch_handler.deep_shap`` on all rows in this process (after a warm-up call);
+* in-process calls: the same, one call per block as the actors make them (so that the ratio
+  of one actor to it is Ray's own cost, apart from the effect of the call size);
 * 1 actor / 2 actors: ``ray.data.from_numpy`` (``blocks`` blocks) ->
   ``map_batches(DeepShap, compute=ActorPoolStrategy(size=n), batch_size=rows/blocks)``
   on a local cluster of 2 CPUs.
@@ -93,6 +95,16 @@ def in_process(model: nn.Module, x: np.ndarray, refs: torch.Tensor) -> dict:
     return {"steady_s": seconds, "rows_per_s": len(x) / seconds, "values": values.numpy()}
 
 
+def in_process_calls(model: nn.Module, x: np.ndarray, refs: torch.Tensor, blocks: int) -> dict:
+    """deep_shap called once per block, as the actors call it: Ray's own cost, without the
+    effect of the call size."""
+    start = time.perf_counter()
+    parts = [torch_handler.deep_shap(model, torch.from_numpy(part), refs, target=0, progress=False)
+             for part in np.array_split(x, blocks)]
+    seconds = time.perf_counter() - start
+    return {"steady_s": seconds, "rows_per_s": len(x) / seconds, "values": torch.cat(parts).numpy()}
+
+
 def on_actors(x: np.ndarray, refs: torch.Tensor, actors: int, blocks: int) -> dict:
     rows = len(x)
     start = time.perf_counter()
@@ -142,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # rows back in input order, to compare values
     context.wait_for_min_actors_s = 600  # every actor built and warm before the first block
-    runs: dict[str, list[dict]] = {"in_process": [], "1_actor": [], "2_actors": []}
+    runs: dict[str, list[dict]] = {"in_process": [], "in_process_calls": [], "1_actor": [], "2_actors": []}
     try:
-        # Rounds of the three runs in turn, so that each sees the machine's load of the moment.
+        # A first pipeline pays for Ray's own first-use costs (the streaming executor, the object
+        # store's first blocks); a small one on two actors takes them out of the timed runs.
+        on_actors(x[: 2 * args.blocks], refs, 2, args.blocks)
+        # Rounds of the runs in turn, so that each sees the machine's load of the moment.
         for _ in range(args.repeats):
             runs["in_process"].append(in_process(model, x, refs))
+            runs["in_process_calls"].append(in_process_calls(model, x, refs, args.blocks))
             runs["1_actor"].append(on_actors(x, refs, 1, args.blocks))
             runs["2_actors"].append(on_actors(x, refs, 2, args.blocks))
     finally:
@@ -162,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     one, two = results["1_actor"], results["2_actors"]
     ratios = {"two_actors_over_one": two["rows_per_s"] / one["rows_per_s"],
-              "one_actor_over_in_process": one["rows_per_s"] / results["in_process"]["rows_per_s"]}
+              "one_actor_over_in_process": one["rows_per_s"] / results["in_process"]["rows_per_s"],
+              "one_actor_over_in_process_calls": one["rows_per_s"] / results["in_process_calls"]["rows_per_s"]}
     print(f"\n{args.rows} rows x {args.references} references, 2-layer LSTM (T {T}, H {H}), "
           f"{args.blocks} calls, one torch thread per process, load average {os.getloadavg()[0]:.2f} at the end\n")
     print(common.table(
@@ -171,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
           r.get("max_abs_diff", "-")] for name, r in results.items()]))
     print()
     print(common.table(["ratio", "measured", "target"],
-                       [[name, value, f">= {TARGETS[name]}"] for name, value in ratios.items()]))
+                       [[name, value, f">= {TARGETS[name]}" if name in TARGETS else "(Ray's own cost)"]
+                        for name, value in ratios.items()]))
     command = "python benchmarks/ray_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = common.write_json(args.out, "ray_scaling", {
         "command": command.strip(), "machine": machine, "busiest_processes": others,
