@@ -217,17 +217,24 @@ class Lazy(torch.utils.data.Dataset):
 
 
 def child(name: str, n: int, steps: int, out: str) -> None:
-    """Runs in a fresh process: deep_shap(out=...) over ``n`` lazy sequences; prints JSON."""
+    """Runs in a fresh process: deep_shap(out=...) over ``n`` lazy sequences; prints JSON with
+    the process's peak RSS (ru_maxrss) and the rise of its high-water mark during the run, after
+    a two-row warm-up call has loaded everything loaded once per process (the compiled loops,
+    the op rules, shap's modules: about 300 MiB, the same for every run)."""
     import torch_handler
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     model = model_of(name)
-    references = rows_of(name, REFERENCES_10E5, steps, seed=-1 % 2**31)
+    references = rows_of(name, REFERENCES_10E5, steps, seed=2**31 - 1)
+    torch_handler.deep_shap(model, rows_of(name, 2, steps), references, target=0, progress=False)
     start = time.perf_counter()
-    torch_handler.deep_shap(model, Lazy(name, n, steps), references, target=0, out=out, progress=False)
+    rise, _ = common.peak_memory_rise(
+        lambda: torch_handler.deep_shap(model, Lazy(name, n, steps), references, target=0, out=out,
+                                        progress=False), torch.device("cpu"))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": seconds, "rise_bytes": rise,
+                      "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def memory(quick: bool, throughput_rows: list[dict]) -> list[dict]:
@@ -248,10 +255,13 @@ def memory(quick: bool, throughput_rows: list[dict]) -> list[dict]:
             "maxrss_small_MiB": measured[small]["maxrss_bytes"] / 2**20,
             "maxrss_large_MiB": measured[large]["maxrss_bytes"] / 2**20,
             "memory_ratio": measured[large]["maxrss_bytes"] / measured[small]["maxrss_bytes"],
+            "rise_small_MiB": measured[small]["rise_bytes"] / 2**20,
+            "rise_large_MiB": measured[large]["rise_bytes"] / 2**20,
             "seconds_large": measured[large]["seconds"],
             "hours_1e6_at_T_for_runs": measured[large]["seconds"] * (1_000_000 / large) / 3600,
             "full_T": full_T,
-            "hours_1e6_at_full_T": (1_000_000 * REFERENCES_10E5 / full["deep_shap_pairs_per_s"] / 3600) if full else None,
+            "hours_1e6_at_full_T": (1_000_000 * REFERENCES_10E5 / full["deep_shap_pairs_per_s"] / 3600
+                                    if full else None),
         })
         print(f"  memory {name}: ratio {rows[-1]['memory_ratio']:.3f}", flush=True)
     return rows
@@ -282,10 +292,11 @@ def report(results: dict) -> None:
         print(f"\ndeep_shap(out=...) over lazily generated sequences, {REFERENCES_10E5} references each, 1 thread "
               "(peak RSS target: large <= 1.1x small)")
         print(common.table(
-            ["model", "T (runs)", "rows", "peak RSS MiB", "ratio", "s (large run)", "h for 10^6 (T runs)",
-             "h for 10^6 (full T)"],
+            ["model", "T (runs)", "rows", "peak RSS MiB", "ratio", "rise during run MiB", "s (large run)",
+             "h for 10^6 (T runs)", "h for 10^6 (full T)"],
             [[m["model"], m["T_for_runs"], f"{m['rows_small']} / {m['rows_large']}",
-              f"{m['maxrss_small_MiB']:.0f} / {m['maxrss_large_MiB']:.0f}", m["memory_ratio"], m["seconds_large"],
+              f"{m['maxrss_small_MiB']:.0f} / {m['maxrss_large_MiB']:.0f}", m["memory_ratio"],
+              f"{m['rise_small_MiB']:.1f} / {m['rise_large_MiB']:.1f}", m["seconds_large"],
               m["hours_1e6_at_T_for_runs"],
               f"{m['hours_1e6_at_full_T']:.3g} (T {m['full_T']})" if m["hours_1e6_at_full_T"] else "-"]
              for m in results["memory"]]))
@@ -315,12 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     if "shap" in sections:
         results["shap"] = against_shap(repeats, args.quick)
     if "memory" in sections:
-        results["memory"] = memory(args.quick, results.get("throughput", []))
+        earlier = Path(args.out) / "dataset.json"  # the full-T rates of a run with the throughput section
+        rates = results.get("throughput") or (json.loads(earlier.read_text()).get("throughput", [])
+                                               if earlier.exists() else [])
+        results["memory"] = memory(args.quick, rates)
     results["machine_after"] = common.machine()
     report(results)
     print(f"\n{results['command']}  (load average {results['machine']['load_average_1min']} -> "
           f"{results['machine_after']['load_average_1min']}, {results['machine']['cpu_count']} cores)")
-    path = common.write_json(args.out, "dataset" + ("-quick" if args.quick else ""), results)
+    name = "dataset" + ("" if args.only == parser.get_default("only") else "-" + args.only.replace(",", "-"))
+    path = common.write_json(args.out, name + ("-quick" if args.quick else ""), results)
     print(f"results: {path}")
     return 0
 

@@ -7,8 +7,6 @@ so the DeepSHAP values agree to rounding: the bar is the project's "exact" per d
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -170,11 +168,11 @@ def test_several_inputs_equal_captum_and_shap(dtype):
     with torch_handler.deeplift_mode(model):
         expected = DeepLiftShap(model).attribute((x, z), (rx, rz), target=1)
     assert isinstance(values, tuple) and len(values) == 2
-    for v, e in zip(values, expected):
+    for v, e in zip(values, expected, strict=True):
         assert_same(v, e, dtype)
     every = torch_handler.deep_shap(model, (x, z), (rx, rz), outputs="all")
     shap_values = explain(model, [rx, rz], [x, z])
-    for v, e in zip(every, shap_values):
+    for v, e in zip(every, shap_values, strict=True):
         assert_same(v, e, dtype)
 
 
@@ -251,7 +249,7 @@ def test_dataloader_of_several_inputs_and_per_input_target():
     values = torch_handler.deep_shap(model, loader, (rx, rz), target=target, batch_size=6)
     with torch_handler.deeplift_mode(model):
         expected = DeepLiftShap(model).attribute((x, z), (rx, rz), target=target)
-    for v, e in zip(values, expected):
+    for v, e in zip(values, expected, strict=True):
         assert_same(v, e, torch.float64)
 
 
@@ -269,7 +267,7 @@ def test_model_is_left_as_found_and_progress_goes_to_stderr(capsys):
     with pytest.raises(IndexError):
         torch_handler.deep_shap(model, x, r, target=7)
     assert model_state(model) == before
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     assert all(p.grad is None for p in model.parameters())
 
 

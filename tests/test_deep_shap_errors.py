@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_deep_shap import LSTMHead, TwoInputs, make
+from test_deep_shap import LSTMHead, TwoInputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -48,7 +48,7 @@ def test_several_inputs_write_one_file_each(tmp_path):
     expected = torch_handler.deep_shap(model, (x, z), refs, target=0)
     values = torch_handler.deep_shap(model, (x, z), refs, target=0, out=tmp_path / "two")
     assert [os.path.basename(v.filename) for v in values] == ["two.input0.npy", "two.input1.npy"]
-    for v, e in zip(values, expected):
+    for v, e in zip(values, expected, strict=True):
         assert np.array_equal(v, e.numpy())
 
 

@@ -130,7 +130,7 @@ def _probe(model, first, references, device) -> tuple[int, int]:
     """(number of model outputs, bytes one pair needs) from one small forward pass."""
     pairs = min(PROBE_PAIRS, references[0].shape[0])
     batch = [torch.cat([x.to(device).expand(pairs, *x.shape[1:]), r[:pairs].to(device)]).requires_grad_()
-             for x, r in zip(first, references)]
+             for x, r in zip(first, references, strict=True)]
     found = {}
 
     def forward():
@@ -273,10 +273,10 @@ class _Run:
         if self.rows.count is None:
             return [[] for _ in self.rows.specs]
         return [torch.empty(shape, dtype=self.dtype, device=spec.device)
-                for shape, spec in zip(self.result_shapes(), self.rows.specs)]
+                for shape, spec in zip(self.result_shapes(), self.rows.specs, strict=True)]
 
     def _collect(self, results, start, values):
-        for result, value in zip(results, values):
+        for result, value in zip(results, values, strict=True):
             if isinstance(result, list):
                 result.append(value.detach())
             else:
@@ -285,7 +285,7 @@ class _Run:
 
     def _finish(self, results, end):
         if self.rows.count is None:
-            results = [torch.cat(parts).to(spec.device) for parts, spec in zip(results, self.rows.specs)]
+            results = [torch.cat(parts).to(spec.device) for parts, spec in zip(results, self.rows.specs, strict=True)]
         return results[0] if len(results) == 1 else tuple(results)
 
 

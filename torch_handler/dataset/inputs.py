@@ -93,7 +93,7 @@ def _check_batch(tensors, specs, index: int) -> None:
             f"deep_shap: batch {index} has {len(tensors)} tensors, the first batch {len(specs)}; "
             "every batch needs one tensor per model input."
         )
-    for i, (t, spec) in enumerate(zip(tensors, specs)):
+    for i, (t, spec) in enumerate(zip(tensors, specs, strict=True)):
         if (tuple(t.shape[1:]), t.dtype, t.device) != (spec.shape, spec.dtype, spec.device):
             raise ValueError(
                 f"deep_shap: input {i} of batch {index} has rows of shape {tuple(t.shape[1:])}, {t.dtype} on "
@@ -121,7 +121,7 @@ def rebatch(batches: Iterable[tuple[Tensor, ...]], rows: int, specs) -> Iterator
 
 
 def _join(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    return parts[0] if len(parts) == 1 else tuple(torch.cat(ts) for ts in zip(*parts))
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
 
 
 def _loader_rows(loader: DataLoader) -> int | None:

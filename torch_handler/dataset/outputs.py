@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# --- the project's one definition of "exact" (an internal module: torch_handler.additivity)
+# The project's one definition of "exact" lives in an internal module (the one internal import
+# of this package): torch_handler.additivity.
 from torch_handler.additivity import Diagnosis, check_additivity, relative_errors, tolerance_for
-# --- end
 
 
 class Selection:
@@ -75,7 +75,8 @@ class Selection:
                 f"got {rows.dtype} of shape {tuple(rows.shape)}."
             )
         if self.rows is not None and rows.shape[0] != self.rows:
-            raise ValueError(f"deep_shap: target has {rows.shape[0]} entries for {self.rows} inputs; pass one per input.")
+            raise ValueError(
+                f"deep_shap: target has {rows.shape[0]} entries for {self.rows} inputs; pass one per input.")
         if rows.numel() and not bool(((rows >= -self.n_outputs) & (rows < self.n_outputs)).all()):
             bad = rows[(rows < -self.n_outputs) | (rows >= self.n_outputs)][0].item()
             raise IndexError(

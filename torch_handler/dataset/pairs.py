@@ -78,14 +78,14 @@ def explain_chunk(model, xs: tuple[Tensor, ...], columns: Tensor, shared=None, p
         b = min(S, a + step)
         s = b - a
         x_pairs, r_pairs = pair_up(xs, shared, per_input, a, b)
-        batch = [torch.cat([x, r]).requires_grad_() for x, r in zip(x_pairs, r_pairs)]
+        batch = [torch.cat([x, r]).requires_grad_() for x, r in zip(x_pairs, r_pairs, strict=True)]
         out = model_outputs(model(*batch), 2 * n * s)
         pairs = n * s
         picked = out[:pairs].gather(1, columns.repeat_interleave(s, 0))  # (pairs, K)
-        differences = [x - r for x, r in zip(x_pairs, r_pairs)]
+        differences = [x - r for x, r in zip(x_pairs, r_pairs, strict=True)]
         for k in range(K):
             grads = torch.autograd.grad(picked[:, k].sum(), batch, retain_graph=k < K - 1, allow_unused=True)
-            for total, grad, diff in zip(sums.values, grads, differences):
+            for total, grad, diff in zip(sums.values, grads, differences, strict=True):
                 if grad is not None:
                     total[..., k] += (grad[:pairs] * diff).reshape(n, s, *diff.shape[1:]).sum(1)
         _add_outputs(sums, out.detach().double(), n, s)

@@ -33,7 +33,7 @@ def _check_against(tensors, specs, what: str, lead: int, fix: str) -> None:
             f"deep_shap: {what} has {len(tensors)} tensors but the inputs have {len(specs)}; pass one "
             "reference tensor per model input, in the same order."
         )
-    for i, (r, spec) in enumerate(zip(tensors, specs)):
+    for i, (r, spec) in enumerate(zip(tensors, specs, strict=True)):
         if not isinstance(r, Tensor):
             raise TypeError(f"deep_shap: {what} {i} is a {type(r).__name__}; expected a tensor.")
         if r.ndim < lead or (tuple(r.shape[lead:]), r.dtype, r.device) != (spec.shape, spec.dtype, spec.device):

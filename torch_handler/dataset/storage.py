@@ -81,11 +81,15 @@ def output_paths(out, inputs: int) -> list[Path]:
     return [path.with_name(f"{path.stem}.input{i}.npy") for i in range(inputs)]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, size: int | None = None) -> None:
+    """Write ``data`` (extended with zeros to ``size`` bytes, sparse on disk) under a temporary
+    name, fsync, and rename it to ``path``: readers see the old file or the whole new one."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            if size is not None:
+                handle.truncate(size)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -107,19 +111,7 @@ def _header(shape, dtype) -> bytes:
 def _create_npy(path: Path, shape, dtype) -> None:
     """A full-size ``.npy`` (zeros, sparse on disk), created under a temporary name and renamed."""
     header = _header(shape, dtype)
-    size = len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(header)
-            handle.truncate(size)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    _atomic_write(path, header, len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
 
 def _read_header(path: Path):
@@ -165,18 +157,18 @@ class Store:
         if self.saved is None:
             self.done, self.results = 0, [new_digest() for _ in self.paths]
             self._write_sidecar(inputs={}, complete=False)
-            for path, shape in zip(self.paths, self.shapes):
+            for path, shape in zip(self.paths, self.shapes, strict=True):
                 _create_npy(path, shape, self.dtype)
             self._open_files()
             return
         self._check_fingerprint(self.saved["fingerprint"])
         self.done = int(self.saved["done"])
         if self.done == 0 and not all(p.exists() for p in self.paths):  # killed while creating them
-            for path, shape in zip(self.paths, self.shapes):
+            for path, shape in zip(self.paths, self.shapes, strict=True):
                 _create_npy(path, shape, self.dtype)
         self.results = [self._verify_file(p, s, d, rb)
                         for p, s, d, rb in zip(self.paths, self.shapes, self.saved["results"] or [""] * len(self.paths),
-                                               self.row_bytes)]
+                                               self.row_bytes, strict=True)]
         self._open_files()
 
     def _open_files(self) -> None:
@@ -241,7 +233,7 @@ class Store:
     def write(self, start: int, values) -> None:
         """Write rows ``start..`` of every input's results (arrays (n, ...) in file order)."""
         for handle, offset, value, digest, row_bytes in zip(self._files, self.offsets, values, self.results,
-                                                            self.row_bytes):
+                                                            self.row_bytes, strict=True):
             array = np.ascontiguousarray(value, dtype=self.dtype)
             handle.seek(offset + start * row_bytes)
             handle.write(array)
