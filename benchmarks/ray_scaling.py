@@ -116,10 +116,22 @@ def on_actors(x: np.ndarray, refs: torch.Tensor, actors: int, blocks: int) -> di
     )
     result = dataset.to_pandas()
     wall = time.perf_counter() - start
+    wait_for_actors_to_exit()
     span = result["end"].max() - result["start"].min()
     return {"steady_s": float(span), "wall_s": wall, "rows_per_s": rows / span,
             "actors_used": int(result["pid"].nunique()), "values": np.stack(result["shap"].to_list()),
             "order": result["data"].to_list()}
+
+
+def wait_for_actors_to_exit(timeout: float = 120.0) -> None:
+    """Wait until the last pipeline's actor processes have exited: their shutdown takes CPU
+    that the next timed run would otherwise lose."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        if not any(line.startswith("ray::MapWorker") for line in listing.splitlines()):
+            return
+        time.sleep(0.5)
 
 
 def busiest_processes(count: int = 6) -> list[str]:
