@@ -25,6 +25,8 @@ Modules, one per concept:
   softmax, norms, attention, ...): ``OP_RULES``, ``batched_op_multipliers``; a folder with
   one module per family and the table (``ops/table.py``) that declares each op once.
 * :mod:`reference_jax.shapley`  — brute-force Shapley values (≤ 16 players).
+* :mod:`reference_jax.transform` — ``deeplift(fn)`` / ``deep_shap``: DeepLIFT of any JAX
+  function of one pytree, as a function transformation (docs/jax-deeplift.md).
 
 Numerical notes (details in :func:`reference_jax.rescale.rescale_threshold`):
 
@@ -109,6 +111,7 @@ from reference_jax.sequence import (  # noqa: E402
     rnn_sequence_multipliers,
 )
 from reference_jax.shapley import MAX_PLAYERS, exact_shapley  # noqa: E402
+from reference_jax.transform import deep_shap, deeplift  # noqa: E402
 
 __all__ = [
     "MAX_PLAYERS",
@@ -142,6 +145,8 @@ __all__ = [
     "batched_rnn_cell_multipliers",
     "batched_rnn_sequence",
     "batched_rnn_sequence_multipliers",
+    "deep_shap",
+    "deeplift",
     "exact_shapley",
     "gru_cell",
     "gru_cell_contributions",

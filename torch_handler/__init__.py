@@ -14,6 +14,7 @@ context explains. The rule for each cell type lives in :mod:`torch_handler.recur
 supported classes are declared once, in :mod:`torch_handler.recurrent.registry`.
 """
 
+from torch_handler.dataset import deep_shap  # last: it imports the names above from torch_handler
 from torch_handler.embeddings import FromEmbeddings, from_embeddings
 from torch_handler.engines.shap import (
     gru_cell_handler,
@@ -56,6 +57,7 @@ __all__ = [
     "UnsupportedVersionError",
     "UntestedVersionWarning",
     "current_explanation",
+    "deep_shap",
     "deeplift_mode",
     "from_embeddings",
     "gru_cell_handler",

@@ -32,6 +32,7 @@ interception layer that must only act inside the explained model) use
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import types
 import warnings
@@ -212,10 +213,28 @@ def _check_script_module(name: str, module: nn.Module, model: nn.Module) -> None
         )
 
 
+def check_compiled(model: nn.Module) -> None:
+    """Refuse ``model`` if it is, or holds, a ``torch.compile``'d module (``OptimizedModule``)
+    with a recurrent module inside: TorchDynamo re-traces its forward and fails inside its own
+    tracer on the rule's interception (an ``AssertionError`` about "tracked for mutation")."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, eval_frame.OptimizedModule) and recurrent_modules(module):
+            raise UnsupportedConfigurationError(
+                f"{_label(name, module, model)} is a torch.compile'd module holding a recurrent "
+                "layer: TorchDynamo re-traces its forward and cannot run the DeepLIFT rule. "
+                "Explain the original module instead, `compiled._orig_mod` (it shares the weights)."
+            )
+
+
 def check_torchscript(model: nn.Module) -> None:
     """Refuse ``model`` if it is, or holds, a TorchScript module running a recurrent op (see
-    :func:`_check_script_module`). For integrations that otherwise hand a model without
-    visible recurrent modules to the engine unchanged (``register()``'s shap path)."""
+    :func:`_check_script_module`), or a torch.compile'd module holding one (see
+    :func:`check_compiled`). For integrations that otherwise hand a model without visible
+    recurrent modules to the engine unchanged (``register()``'s shap path)."""
+    check_compiled(model)
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             _check_script_module(name, module, model)
@@ -226,6 +245,7 @@ def _check_model(model: nn.Module, names: Mapping[nn.Module, str]) -> None:
     before anything is changed."""
     for module, name in names.items():
         check_supported(module, name)
+    check_compiled(model)
     for name, module in model.named_modules():
         label = _label(name, module, model)
         if isinstance(module, torch.jit.ScriptModule):

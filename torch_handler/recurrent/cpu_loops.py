@@ -175,7 +175,9 @@ def wait(timeout: float | None = None) -> bool:
 def load(timeout: float | None = None) -> bool:
     """Compile (or load from the cache) now, waiting up to ``timeout`` seconds: for programs
     that would rather have the compiled loops from their first explanation on. True when they
-    are loaded."""
+    are loaded. Builds nothing under the opt-out (``LSTM_DEEPSHAP_FUSED=0``)."""
+    if os.environ.get(ENV, "1") == "0":
+        return False
     _compiled()
     wait(timeout)
     return _compiled()

@@ -146,6 +146,12 @@ def _check_input(module: nn.Module, x: Tensor, what: str) -> None:
             f"{type(module).__name__}: {what} is on {x.device} but the module is on "
             f"{weight.device}; move them to the same device."
         )
+    if what == "input" and x.dim() and x.size(-1) != module.input_size:
+        # torch's own message (the rule's matmul would otherwise say "mat1 and mat2 shapes ...")
+        raise RuntimeError(
+            f"{type(module).__name__}: input.size(-1) must be equal to input_size. Expected "
+            f"{module.input_size}, got {x.size(-1)}"
+        )
     check_finite(x, f"{type(module).__name__}: {what}")
 
 

@@ -51,7 +51,7 @@ def _no_rule_advice(name: str) -> str:
     )
 
 
-def _constant_advice(consumer: str, unfollowed: bool) -> str:
+def _constant_advice(consumer: str, unfollowed: bool, origin: str = "") -> str:
     """The UnsupportedOpWarning text for a gradient-free input-dependent tensor (a mask,
     indices, an integer cast) that reaches a differentiable result through ``consumer``."""
     if unfollowed:
@@ -65,4 +65,6 @@ def _constant_advice(consumer: str, unfollowed: bool) -> str:
         "difference it causes gets no attribution. Use references that give the same result "
         "(e.g. padded like their input: see docs/masks.md), or compute it from "
         "input-independent tensors"
+        + (" (or drop the `.detach()`: DeepLIFT then attributes through the value, e.g. "
+           "RevIN statistics)" if origin == "detach" else "")
     )

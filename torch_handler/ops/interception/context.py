@@ -36,6 +36,7 @@ from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torch_handler.errors import DoubledBatchError
@@ -105,6 +106,14 @@ def _pre_hook(module, args):
     if ex.mode is None:
         return None
     if module in ex.recurrent:
+        _check_recurrent_input(module, ex.mode, args)
+        packed = args[0] if args else None
+        if isinstance(packed, PackedSequence) and packed.sorted_indices is None and packed.data in ex.mode.packed_order:
+            # packed sorted by _pack_padded (enforce_sorted=True, doubled batch): hand over the order
+            order = ex.mode.packed_order[packed.data]
+            args = (PackedSequence(packed.data, packed.batch_sizes, order), *args[1:])
+            ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
+            return args
         ex.frames.append((module, ("recurrent", args, _pause(ex.mode))))
     elif module in ex.engine_ruled:
         _check_engine_input(module, ex.mode, args)
@@ -235,6 +244,27 @@ def _mark_recurrent_outputs(mode: InterceptMode, module, args, output) -> None:
         size = x.shape[0]
         for s in output if isinstance(output, tuple) else (output,):
             mode.mark(s, Axis(0, size))
+
+
+def _check_recurrent_input(module, mode: InterceptMode, args) -> None:
+    """A recurrent module pairs rows along its own batch dim (dim 1 of a time-major input):
+    refuse an input whose doubled batch is known to sit in another dim, typically a time-major
+    model input (T, N, F), which the engines double along dim 0, its time."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        return  # a PackedSequence is checked when unpacked; unbatched input by the module
+    batch_dim = 1 if isinstance(module, nn.RNNBase) and not module.batch_first and x.dim() == 3 else 0
+    axis = mode.axis_of(x)
+    if axis is None or axis is UNKNOWN or axis.dim == batch_dim:
+        return
+    layout = "batch_first=False: (time, batch, features)" if batch_dim == 1 else "its batch in dim 0"
+    raise DoubledBatchError(
+        f"{type(module).__name__} ({layout}) receives a tensor of shape {tuple(x.shape)} whose "
+        f"doubled batch (inputs and references) is dim {axis.dim}, not its batch dim {batch_dim}: "
+        "the rule would pair the wrong rows. A time-major model input? The engines double dim 0 "
+        "of every model input, so pass the batch first (N, T, F) and move it inside forward "
+        "(e.g. x.transpose(0, 1) before this module, or batch_first=True)."
+    )
 
 
 def _check_engine_input(module, mode: InterceptMode, args) -> None:

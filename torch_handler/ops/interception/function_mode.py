@@ -15,11 +15,11 @@ from torch_handler.errors import DoubledBatchError, UnsupportedOpError, Unsuppor
 from torch_handler.ops.interception import batch_axis as ba
 from torch_handler.ops.interception._shared import UNKNOWN, _flat, _inplace, _tensors
 from torch_handler.ops.interception.batch_axis import Axis
+from torch_handler.ops.interception.rows import _rows_by_index
 from torch_handler.ops.interception.tracking import (
     TRACKED,
     _halves_equal,
     _permute,
-    _rows_by_index,
 )
 from torch_handler.ops.table import CALL_OPS, CALL_READERS, OP_RULES
 
@@ -39,7 +39,7 @@ _PASS = frozenset(
     element_size is_contiguous storage_offset get_device __format__ __repr__ __bool__ __index__
     __int__ __float__ tolist item __hash__ nelement ndimension has_names _is_view __iter__
     __contains__ requires_grad_ register_hook retain_grad backward _version _set_grad_enabled
-    is_grad_enabled equal allclose isclose isnan isinf isfinite detach detach_ new_zeros
+    is_grad_enabled equal allclose isclose isnan isinf isfinite detach_ new_zeros
     new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like
     new_tensor __setstate__ __reduce_ex__ __deepcopy__ __array__ cpu cuda numpy __dlpack__
     untyped_storage _make_subclass""".split()
@@ -70,6 +70,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         self.by_node: dict = {}
         self.packed_outputs = WeakTensorKeyDictionary()  # recurrent PackedSequence.data -> order
         self.sorted_rows = WeakTensorKeyDictionary()  # padded in sorted order -> (dim, unsorted)
+        self.packed_order = WeakTensorKeyDictionary()  # data packed sorted by _pack_padded -> order
         # Input-dependent tensors without a gradient (masks, indices, integer casts) -> the op
         # that made one from the input, ("gt", "MaskedMean.forward").
         self.constants = WeakTensorKeyDictionary()
@@ -219,7 +220,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
             for c in constants:
                 if self.differs(c):
                     origin, origin_where = self.constants[c]
-                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN),
+                    self.report_if_used(out, origin, _constant_advice(name, self.axes.get(c) is UNKNOWN, origin),
                                         where=origin_where)
                     break
         return out

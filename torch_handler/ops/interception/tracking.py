@@ -12,7 +12,6 @@ from torch import Tensor
 from torch_handler.errors import DoubledBatchError
 from torch_handler.ops.interception import batch_axis as ba
 from torch_handler.ops.interception._shared import (
-    _IN_ORDER,
     _MASKS,
     UNKNOWN,
     _agree,
@@ -24,6 +23,7 @@ from torch_handler.ops.interception._shared import (
 from torch_handler.ops.interception.advice import _no_rule_advice
 from torch_handler.ops.interception.batch_axis import Axis
 from torch_handler.ops.interception.function import to_pairs
+from torch_handler.ops.interception.rows import _index_select, _pack_padded, _pad_packed, _sort
 
 
 def _linear_elementwise_op(mode, func, name, args, kwargs):
@@ -315,83 +315,6 @@ def _same_trailing(mode, func, args, kwargs, trailing: int):
     return out
 
 
-def _index_select(mode, func, name, args, kwargs):
-    """index_select / gather / take_along_dim along a dim other than the batch: linear, rows kept.
-
-    Along the batch dim only one case is followed: ``pad_packed_sequence`` putting its sorted
-    rows back in the original order (the index is the packed sequence's ``unsorted_indices``).
-    """
-    out = func(*args, **kwargs)
-    x, dim = args[0], arg(args, kwargs, 1, "dim")
-    index = arg(args, kwargs, 2, "index", None if name != "take_along_dim" else args[1])
-    if name == "take_along_dim":
-        dim, index = arg(args, kwargs, 2, "dim"), args[1]
-    sorted_rows = mode.sorted_rows.get(x)
-    if sorted_rows is not None and name == "index_select":
-        batch_dim, unsorted = sorted_rows
-        if dim % x.dim() == batch_dim and torch.equal(index.cpu(), unsorted.cpu()):
-            mode.mark(out, Axis(batch_dim, x.shape[batch_dim]))
-            return out
-    axis = mode.axis_of(x)
-    if axis is not UNKNOWN and axis is not None:
-        same = dim is not None and dim % x.dim() != axis.dim and out.dim() == x.dim()
-        same = same and out.shape[axis.dim] == x.shape[axis.dim]
-        axis = axis if same else UNKNOWN
-    mode.mark(out, axis)
-    return out
-
-
-def _rows_by_index(mode, name, args, kwargs) -> bool:
-    """Whether this ``index_select`` picks rows of the dim that holds its input's batch."""
-    if name != "index_select":
-        return False
-    axis = mode.axis_of(args[0])
-    dim = arg(args, kwargs, 1, "dim")
-    return axis not in (None, UNKNOWN) and dim is not None and args[0].dim() > 0 and dim % args[0].dim() == axis.dim
-
-
-def _sort(mode, func, name, args, kwargs):
-    """sort / argsort: rows are kept unless the sort runs along the batch dim, which mixes the
-    pairs (pack_padded_sequence sorts the lengths of the whole doubled batch)."""
-    out = func(*args, **kwargs)
-    axis = mode.axis_of(args[0])
-    dim = arg(args, kwargs, 1, "dim", -1)
-    if isinstance(dim, bool):  # torch.sort(x, descending) written positionally: dim is -1
-        dim = -1
-    if axis is not UNKNOWN and args[0].dim() and dim % args[0].dim() == axis.dim:
-        axis = UNKNOWN
-    for o in _flat(out):
-        if isinstance(o, Tensor):
-            if o.is_floating_point():
-                mode.report_if_used(o, name, _no_rule_advice(name))
-            mode.mark(o, axis)
-    return out
-
-
-def _pack_padded(mode, func, name, args, kwargs):
-    """The packed data interleaves rows by time: not pairable; the recurrent module unpacks it."""
-    out = func(*args, **kwargs)
-    for o in _flat(out):
-        mode.mark(o, UNKNOWN if isinstance(o, Tensor) and o.is_floating_point() else None)
-    return out
-
-
-def _pad_packed(mode, func, name, args, kwargs):
-    """``_pad_packed_sequence(data, batch_sizes, batch_first, ...)`` of a recurrent output."""
-    out = func(*args, **kwargs)
-    padded = out[0]
-    source = mode.packed_outputs.get(args[0])
-    batch_dim = 0 if arg(args, kwargs, 2, "batch_first") else 1
-    if source is None:
-        mode.mark(padded, UNKNOWN)
-    elif source is _IN_ORDER:
-        mode.mark(padded, Axis(batch_dim, padded.shape[batch_dim]))
-    else:
-        mode.sorted_rows[padded] = (batch_dim, source)
-        mode.mark(padded, UNKNOWN)
-    return out
-
-
 def _along_dim(mode, func, name, args, kwargs):
     """Linear ops acting along one dim (cumsum, flip, roll, diff, tril, triu): the batch is kept
     unless that dim is the batch."""
@@ -554,6 +477,10 @@ TRACKED: dict[str, Any] = {
         "stack": _cat,
         "contiguous": _same,
         "clone": _same,
+        # detach() of an input-dependent tensor: followed as a gradient-free constant (see
+        # _follow_constants), like a mask; engines' own detaches of stored values never reach
+        # a differentiable op inside the model, so they are never reported.
+        "detach": _same,
         "to": _same,
         "type": _same,
         "type_as": _same,

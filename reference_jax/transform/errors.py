@@ -1,0 +1,83 @@
+"""Named errors of the DeepLIFT transformation, and the check that a value is the same in
+both halves of a pair (where a rule needs it: a ``select_n`` predicate, an index, a ``cond``
+branch, a ``stop_gradient``).
+
+Every message names the primitive, where it is in the user's code (JAX's source info of the
+equation) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+try:  # JAX's private helper is the only way to name a jaxpr equation's line; optional
+    from jax._src import source_info_util
+except ImportError:  # pragma: no cover - a JAX that moved it: messages say "an unknown place"
+    source_info_util = None
+
+__all__ = ["DeepLiftError", "equal_halves", "unsupported", "where"]
+
+
+class DeepLiftError(ValueError):
+    """The function cannot be explained exactly: a primitive without a rule, a mask, branch or
+    index that differs between the actual and the reference half, or a dropped difference."""
+
+
+def where(eqn) -> str:
+    """``"<primitive> at <file>:<line> (<function>)"`` for a jaxpr equation."""
+    try:
+        place = source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - source info is best effort across JAX versions (or absent)
+        place = "an unknown place"
+    text = str(eqn).replace("\n", " ")
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"'{eqn.primitive.name}' at {place} (equation: {text})"
+
+
+def unsupported(eqn, why: str, fix: str) -> DeepLiftError:
+    """A :class:`DeepLiftError` naming ``eqn``, the reason and a fix."""
+    return DeepLiftError(f"reference_jax.deeplift: {where(eqn)}: {why}. {fix}")
+
+
+def _concrete(value):
+    """``value`` as a numpy array when it is known now (not a tracer of a jit/vmap), else None."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+_MASK_FIX = (
+    "Choose a reference on the same side of this branch/mask/index, or rewrite it with an op that has "
+    "a rule (jnp.maximum / jnp.minimum / jax.nn.relu instead of jnp.where)"
+)
+
+
+def equal_halves(actual, reference, eqn, what: str, fix: str = _MASK_FIX):
+    """``actual`` after checking that it equals ``reference`` (the two halves of one value).
+
+    Known values are checked at once; traced ones (under ``jit`` / ``vmap``) by a host
+    callback whose error surfaces as a ``JaxRuntimeError`` carrying the same message.
+    """
+    message = (
+        f"reference_jax.deeplift: {where(eqn)}: the {what} differs between the actual input and "
+        f"the reference, and no DeepLIFT rule applies to it. {fix}"
+    )
+    a, r = _concrete(actual), _concrete(reference)
+    if a is not None and r is not None:
+        if not np.array_equal(a, r):
+            raise DeepLiftError(message)
+        return actual
+
+    def check(a, r):
+        if not np.array_equal(np.asarray(a), np.asarray(r)):
+            raise DeepLiftError(message)
+        return np.asarray(a)
+
+    shape = jax.ShapeDtypeStruct(jax.numpy.shape(actual), jax.numpy.result_type(actual))
+    # A float value under the transformation's own grad is a tracer even when eager: the check
+    # carries no derivative (the value is constant once both halves are equal).
+    a, r = jax.lax.stop_gradient(actual), jax.lax.stop_gradient(reference)
+    return jax.pure_callback(check, shape, a, r, vmap_method="broadcast_all")
