@@ -14,7 +14,7 @@ context explains. The rule for each cell type lives in :mod:`torch_handler.recur
 supported classes are declared once, in :mod:`torch_handler.recurrent.registry`.
 """
 
-from torch_handler.dataset import deep_shap  # last: it imports the names above from torch_handler
+from torch_handler.dataset import deep_shap
 from torch_handler.embeddings import FromEmbeddings, from_embeddings
 from torch_handler.engines.shap import (
     gru_cell_handler,

@@ -35,7 +35,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
         "(on every node of the cluster, with the same torch as the driver)"
     ) from error
 
-from torch_handler import deep_shap
+from torch_handler.dataset import deep_shap
 from torch_handler.recurrent import cpu_loops
 
 Tensors = torch.Tensor | tuple[torch.Tensor, ...]

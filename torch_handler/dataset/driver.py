@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from torch_handler import NonFiniteError, deeplift_mode
+from torch_handler.errors import NonFiniteError
+from torch_handler.mode import deeplift_mode
 from torch_handler.recurrent import cpu_loops
 
 from . import storage

@@ -118,7 +118,7 @@ def finite_or_raise(tensors, what: str, first_row: int = 0) -> None:
     """NonFiniteError naming the first row (``first_row`` + its index) holding NaN / Inf.
 
     what: the rows' name in the message, e.g. "input" or "reference" ("input 12 (model input 0)")."""
-    from torch_handler import NonFiniteError
+    from torch_handler.errors import NonFiniteError
 
     for i, t in enumerate(tensors):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
