@@ -32,7 +32,7 @@ def _log_softmax_input_multiplier(m: Tensor, z, e, S, dims) -> Tensor:
     return m + m_S * _rescale_exp(*z, *e)
 
 
-def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims) -> Tensor:
+def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims, sums=None) -> Tensor:
     """float64 core of the softmax rule, softmax = exp ∘ log_softmax: m (2, N, *s) -> m_x (2, N, *s).
 
     Why not e · reciprocal(Σ e): that composition is exact too, but its multipliers grow like
@@ -40,8 +40,10 @@ def _softmax_input_multiplier(m: Tensor, x_a: Tensor, x_r: Tensor, dims) -> Tens
     gets attributions of size e^L that cancel, although softmax did not change). Through
     log_softmax every coefficient stays bounded by the probabilities, and a uniform shift of
     the logits gets zero attributions, as softmax's invariance says it should.
+
+    ``sums``: ``_exp_sums(x_a, x_r, dims)`` when the caller already has it.
     """
-    z, e, S = _exp_sums(x_a, x_r, dims)
+    z, e, S = _exp_sums(x_a, x_r, dims) if sums is None else sums
     u_a, u_r = z[0] - torch.log(S[0]), z[1] - torch.log(S[1])
     m_u = m * _rescale_exp(u_a, u_r, e[0] / S[0], e[1] / S[1])
     return _log_softmax_input_multiplier(m_u, z, e, S, dims)

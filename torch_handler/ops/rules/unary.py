@@ -91,17 +91,18 @@ def _rescale_clamp(a, r, min=None, max=None):
 
 
 def _rescale_exp(a, r, e_a=None, e_r=None):
-    """R_exp = e^lo · expm1(d)/d for d ≤ 1 (no cancellation), (e^hi − e^lo)/d above (no 0·∞
-    where e^lo underflows). d is clamped to the smallest normal number, where expm1(d)/d is
-    exactly 1, so d = 0 gives e^x without a special case; a pair both at −∞ (masked attention
-    scores) gives 0. ``e_a``, ``e_r``: exp(a), exp(r) when the caller already has them."""
+    """R_exp = e^hi · (−expm1(−d))/d with d = |a − r|: one formula for every d, without
+    cancellation (expm1), overflow (−expm1(−d) ∈ [0, 1)) or 0·∞ where e^lo underflows (the
+    factor multiplies e^hi), and so without a select between two branches (a torch.where costs
+    more on the CPU than this whole formula). d is clamped to the smallest normal number, where
+    −expm1(−d)/d is exactly 1, so d = 0 gives e^x without a special case; a pair both at −∞
+    (masked attention scores) and a pair with one side at −∞ give 0. ``e_a``, ``e_r``: exp(a),
+    exp(r) when the caller already has them."""
     if e_a is None:
         e_a, e_r = torch.exp(a), torch.exp(r)
-    e_lo, e_hi = torch.minimum(e_a, e_r), torch.maximum(e_a, e_r)
-    d = torch.nan_to_num_((a - r).abs_(), nan=0.0).clamp_min_(torch.finfo(a.dtype).tiny)
-    closed = torch.expm1(d).div_(d).mul_(e_lo)
-    direct = (e_hi - e_lo).div_(d)
-    return torch.where(d > 1, direct, closed)
+    e_hi = torch.maximum(e_a, e_r)
+    neg_d = torch.nan_to_num_((a - r).abs_(), nan=0.0).clamp_min_(torch.finfo(a.dtype).tiny).neg_()
+    return torch.expm1(neg_d).div_(neg_d).mul_(e_hi)
 
 
 def _rescale_log(a, r):
