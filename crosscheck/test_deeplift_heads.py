@@ -60,7 +60,7 @@ TORCH_HEADS = {
     "gelu_tanh": lambda m, o: F.gelu(m.q(o), approximate="tanh"),
     "attention": _attention,
     "layer_norm": lambda m, o: m.norm(m.q(o)),
-    "flax_layer_norm": lambda m, o: m.norm(m.q(o)),  # flax's E[x²] − E[x]² variance on the JAX side
+    "flax_layer_norm": lambda m, o: m.norm(m.q(o)),  # flax: variance E[x²] − E[x]² on the JAX side
     "equinox_layer_norm": lambda m, o: m.norm(m.q(o)),
     "product": lambda m, o: m.q(o) * torch.sigmoid(m.gate(o)),
     "matmul": lambda m, o: torch.matmul(torch.matmul(m.q(o), o.transpose(1, 2)), m.v(o)) / T,

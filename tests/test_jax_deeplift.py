@@ -351,7 +351,7 @@ def _norms():
 
 @pytest.mark.parametrize("name", ["flax_layer_norm", "equinox_layer_norm", "standardize", "flax_rms_norm"])
 def test_layer_and_rms_norms_get_the_ops_rule(name):
-    """flax / equinox LayerNorm, jax.nn.standardize (variance E[x²] − E[x]², recognised) and
+    """flax / equinox LayerNorm, jax.nn.standardize (variance E[x²] − E[x]²: the same multiplier) and
     flax RMSNorm give ops' layer_norm / rms_norm multipliers element-wise."""
     norm, kind, params = _norms()[name]
     rng = np.random.default_rng(len(name))

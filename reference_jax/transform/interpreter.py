@@ -67,10 +67,7 @@ def interpret(jaxpr, consts: Sequence, args: Sequence[Val]) -> list[Val]:
             continue
         if all(type(v).__name__ == "DropVar" for v in eqn.outvars) and not eqn.effects:
             continue
-        if i in found and found[i].kind == "variance":
-            unit = found[i]
-            outs = [units.variance_value(interpret, env[unit.x], unit.axes, eqn.outvars[0].aval)]
-        elif i in found:
+        if i in found:
             unit = found[i]
             outs = [units.unit_value(unit.kind, env[unit.x], unit.axes, units.group_forward(unit.kind, unit.axes))]
         else:

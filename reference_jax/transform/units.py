@@ -10,14 +10,15 @@ transformation and the torch handler agree on them (the torch side sees one op).
   shift, which would otherwise drop part of Δ, is not evaluated at all.
 * ``jax.nn.relu`` (a ``custom_jvp`` named relu): the relu rule (derivative 0 at 0, as torch).
 
-Layer norm and RMS norm written as ``x − mean``, ``mean(xc²)``, ``xc · rsqrt(v + eps)``
-(torch's, equinox's ``LayerNorm``, flax's ``RMSNorm``) need no recognition: their
-primitive-by-primitive rules *are* ``ops``' layer_norm / rms_norm rules (mean and centring
-linear, square Rescale ``a + r``, rsqrt Rescale, Shapley product with the broadcast scale), and
-the cross-checks hold them to it. The variance written ``E[x²] − E[x]²`` (flax's ``LayerNorm``
-with its default ``use_fast_variance``, ``jax.nn.standardize``) is exact too but a different
-decomposition: that ``sub`` is recognised as a unit (kind ``"variance"``) and evaluated as
-``mean((x − mean x)²)``, torch's decomposition, so those layer norms get ``ops``' layer_norm rule.
+Layer norm and RMS norm need no recognition: written as ``x − mean``, ``mean(xc²)``,
+``xc · rsqrt(v + eps)`` their primitive-by-primitive rules *are* ``ops``' layer_norm /
+rms_norm rules (mean and centring linear, square Rescale ``a + r``, rsqrt Rescale, Shapley
+product with the broadcast scale). The variance written ``E[x²] − E[x]²`` (flax's
+``LayerNorm``, ``jax.nn.standardize``) gets the same multiplier too: square's Rescale factor is
+``a + r``, so ``m_var · ((x_a + x_r) − (μ_a + μ_r)) / n = m_var · (xc_a + xc_r) / n``, the
+centred form's. Recognising it would change only the forward value (the user's own variance is
+kept). The tests hold flax / equinox LayerNorm, ``jax.nn.standardize`` and flax RMSNorm to
+``ops``' rules and to the torch handler.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from reference_jax import ops
 from reference_jax.transform.pairs import Val, bind
 from reference_jax.transform.rules import ruled
 
-__all__ = ["Unit", "find_units", "group_forward", "variance_value", "named_unit", "named_value", "reduce_extremum", "unit_value"]
+__all__ = ["Unit", "find_units", "group_forward", "named_unit", "named_value", "reduce_extremum", "unit_value"]
 
 # Primitives allowed between reduce_max and the stop_gradient of the shift.
 _SHIFT_CHAIN = {"broadcast_in_dim", "stop_gradient", "max", "select_n", "is_finite", "reshape",
@@ -144,45 +145,8 @@ def _sum_of(jaxpr, g, var, e_var, axes):
     return bcast | {i}
 
 
-def _mean_of(jaxpr, g, var):
-    """``var`` = ``reduce_sum(x, axes)`` (maybe broadcast / reshaped) divided by the number of
-    summed elements: returns (x, axes, covered indices) or None."""
-    i_div, div = _eqn_of(jaxpr, g, var, "div")
-    if div is None or not isinstance(div.invars[1], Literal):
-        return None
-    inner, bcast = _skip_broadcast(jaxpr, g, div.invars[0])
-    i_sum, total = _eqn_of(jaxpr, g, inner, "reduce_sum")
-    if total is None:
-        return None
-    x, axes = total.invars[0], tuple(total.params["axes"])
-    count = 1
-    for a in axes:
-        count *= x.aval.shape[a]
-    if float(div.invars[1].val) != count:
-        return None
-    return x, axes, bcast | {i_div, i_sum}
-
-
-def _variance(jaxpr, g, eqn):
-    """``sub(mean(square x), square(mean x))`` over one set of axes: a ``"variance"`` Unit."""
-    i_sq, square_of_mean = _eqn_of(jaxpr, g, eqn.invars[1], "square")
-    mean_of_square = _mean_of(jaxpr, g, eqn.invars[0])
-    if square_of_mean is None or mean_of_square is None:
-        return None
-    i_x2, x2 = _eqn_of(jaxpr, g, mean_of_square[0], "square")
-    mean = _mean_of(jaxpr, g, square_of_mean.invars[0])
-    if x2 is None or mean is None or x2.invars[0] is not mean[0] or mean[1] != mean_of_square[1]:
-        return None
-    # the mean itself stays (the user centres x with it); its square and E[x²] are replaced
-    return Unit("variance", mean[0], mean[1], frozenset(mean_of_square[2] | {i_x2, i_sq}))
-
-
 def _match(jaxpr, g, i, eqn):
     name = eqn.primitive.name
-    if name == "sub":
-        found = _variance(jaxpr, g, eqn)
-        if found is not None:
-            return found
     if name == "div":  # softmax: e / broadcast(sum e)
         found = _exp_sum(jaxpr, g, eqn.invars[0])
         if found is None:
@@ -277,19 +241,6 @@ def unit_value(kind: str, x: Val, axes: tuple[int, ...], forward) -> Val:
         return (rule(g, (x_a,), (x_r,), **params)[0].astype(x_a.dtype),)
 
     return ruled(lambda v, _: forward(v[0]), lambda a, r, _: (a, r), backward, [x])
-
-
-def variance_value(interpret, x: Val, axes: tuple[int, ...], out_aval) -> Val:
-    """The variance of ``x`` over ``axes`` as torch decomposes it, ``mean((x − mean x)²)``,
-    evaluated on pairs by the primitive rules (``interpret``), shaped as ``out_aval``."""
-
-    def centred(v):
-        mean = jax.numpy.mean(v, axis=axes, keepdims=True)
-        return jax.numpy.mean(jax.numpy.square(v - mean), axis=axes).reshape(out_aval.shape)
-
-    closed = jax.make_jaxpr(centred)(jax.ShapeDtypeStruct(jax.numpy.shape(x.a), jax.numpy.result_type(x.a)))
-    (out,) = interpret(closed.jaxpr, closed.consts, [x])
-    return out
 
 
 def group_forward(kind: str, axes: tuple[int, ...]):
