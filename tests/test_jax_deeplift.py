@@ -330,6 +330,52 @@ def test_a_cond_taking_different_branches_is_refused():
     _raises(f, jnp.array(1.0), jnp.array(-1.0), "'cond'", "differs")
 
 
+def _norms():
+    import equinox
+    import flax.linen
+
+    rng = np.random.default_rng(7)
+    w, b = rng.uniform(0.5, 1.5, 5), rng.standard_normal(5)
+    eqx_norm = equinox.tree_at(lambda n: (n.weight, n.bias), equinox.nn.LayerNorm(5, eps=1e-6),
+                               (jnp.asarray(w), jnp.asarray(b)))
+    layer_norm = dict(normalized_shape=(5,), weight=w, bias=b, eps=1e-6)
+    return {  # name -> (the JAX form, its ops rule and parameters)
+        "flax_layer_norm": (lambda v: flax.linen.LayerNorm(epsilon=1e-6).apply({"params": {"scale": w, "bias": b}}, v),
+                            "layer_norm", layer_norm),
+        "equinox_layer_norm": (jax.vmap(eqx_norm), "layer_norm", layer_norm),
+        "standardize": (lambda v: jax.nn.standardize(v, epsilon=1e-6) * w + b, "layer_norm", layer_norm),
+        "flax_rms_norm": (lambda v: flax.linen.RMSNorm(epsilon=1e-6).apply({"params": {"scale": w}}, v),
+                          "rms_norm", dict(normalized_shape=(5,), weight=w, eps=1e-6)),
+    }
+
+
+@pytest.mark.parametrize("name", ["flax_layer_norm", "equinox_layer_norm", "standardize", "flax_rms_norm"])
+def test_layer_and_rms_norms_get_the_ops_rule(name):
+    """flax / equinox LayerNorm, jax.nn.standardize (variance E[x²] − E[x]²: the same multiplier) and
+    flax RMSNorm give ops' layer_norm / rms_norm multipliers element-wise."""
+    norm, kind, params = _norms()[name]
+    rng = np.random.default_rng(len(name))
+    x, r, m_out = (rng.standard_normal((3, 5)) for _ in range(3))
+    ours = reference_jax.deeplift(lambda v: jnp.sum(m_out * norm(v)))(x, r)
+    want = reference_jax.ops.OP_SPECS[kind].rule(m_out, (x,), (r,), **params)[0]
+    assert np.max(np.abs(np.asarray(ours) - want)) <= TOL * np.max(np.abs(want))
+
+
+def test_a_non_finite_multiplier_is_refused_naming_the_leaf():
+    # atan2 at (0, 0) in both halves has no derivative: the multipliers would be NaN.
+    f = lambda t: jnp.arctan2(t["y"][0], t["x"][0])  # noqa: E731
+    zeros = {"x": jnp.zeros(1), "y": jnp.zeros(1)}
+    with pytest.raises(DeepLiftError, match=r"1 of the 1 multipliers of input leaf \['x'\] are not finite"):
+        reference_jax.deeplift(f)(zeros, zeros)
+    explain = jax.jit(jax.vmap(reference_jax.deeplift(f)))
+    batch = jax.tree.map(lambda v: jnp.stack([v + 1.0, v]), zeros)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="multipliers of input leaf .* are not finite.*atan2 at"):
+        jax.block_until_ready(explain(batch, batch))
+    ones = jax.tree.map(lambda v: v + 1.0, zeros)
+    m = jax.block_until_ready(explain(jax.tree.map(lambda v: v[None], ones), jax.tree.map(lambda v: v[None], zeros)))
+    assert np.isfinite(float(m["x"][0, 0])) and np.isfinite(float(m["y"][0, 0]))
+
+
 def test_bad_arguments_are_named():
     f = lambda v: jnp.sum(jnp.tanh(v))  # noqa: E731
     with pytest.raises(ValueError, match="pytree structure"):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from reference_jax.transform.errors import checked_finite
 from reference_jax.transform.interpreter import interpret
 from reference_jax.transform.pairs import Val
 
@@ -40,7 +41,7 @@ def _check_pair(inputs, references):
             )
         out_x.append(x)
         out_r.append(r)
-    return out_x, out_r, tree
+    return out_x, out_r, tree, paths
 
 
 def deeplift(fn: Callable) -> Callable:
@@ -53,13 +54,15 @@ def deeplift(fn: Callable) -> Callable:
     and ``jax.vmap`` (over pairs; over outputs through a selecting lambda) and works inside them.
 
     Raises :class:`~reference_jax.transform.DeepLiftError` for a primitive without a rule, a
-    mask / branch / index that differs between the two halves, or a ``stop_gradient`` of an
-    input-dependent value; the message names the primitive and the line of ``fn``.
+    mask / branch / index that differs between the two halves, a ``stop_gradient`` of an
+    input-dependent value (the message names the primitive and the line of ``fn``), or a
+    multiplier that is not finite (a NaN / inf input, or a rule undefined in both halves such
+    as ``atan2`` at ``(0, 0)``; the message names the input leaf).
     """
 
     @functools.wraps(fn)
     def multipliers(inputs, references):
-        xs, rs, tree = _check_pair(inputs, references)
+        xs, rs, tree, paths = _check_pair(inputs, references)
         closed = jax.make_jaxpr(lambda *leaves: fn(jax.tree.unflatten(tree, leaves)))(*xs)
         (out,) = closed.out_avals if len(closed.out_avals) == 1 else (None,)
         if out is None or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
@@ -77,7 +80,8 @@ def deeplift(fn: Callable) -> Callable:
             (y,) = interpret(closed.jaxpr, closed.consts, args)
             return y.a if y.varying else jnp.zeros((), out.dtype)
 
-        return jax.tree.unflatten(tree, jax.grad(actual_output)(xs))
+        grads = jax.grad(actual_output)(xs)
+        return jax.tree.unflatten(tree, [checked_finite(m, p or "<root>") for m, p in zip(grads, paths, strict=True)])
 
     return multipliers
 

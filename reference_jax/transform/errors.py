@@ -16,7 +16,7 @@ try:  # JAX's private helper is the only way to name a jaxpr equation's line; op
 except ImportError:  # pragma: no cover - a JAX that moved it: messages say "an unknown place"
     source_info_util = None
 
-__all__ = ["DeepLiftError", "equal_halves", "unsupported", "where"]
+__all__ = ["DeepLiftError", "checked_finite", "equal_halves", "unsupported", "where"]
 
 
 class DeepLiftError(ValueError):
@@ -81,3 +81,40 @@ def equal_halves(actual, reference, eqn, what: str, fix: str = _MASK_FIX):
     # carries no derivative (the value is constant once both halves are equal).
     a, r = jax.lax.stop_gradient(actual), jax.lax.stop_gradient(reference)
     return jax.pure_callback(check, shape, a, r, vmap_method="broadcast_all")
+
+
+_NON_FINITE_FIX = (
+    "Check that the inputs and references are finite, and move the reference off the point where a rule is "
+    "undefined in both halves (atan2 at (0, 0), log / rsqrt / a negative power at 0, x / y at y = 0), "
+    "e.g. by a small offset of the reference"
+)
+
+
+def _non_finite_message(path: str, count: int, size: int) -> str:
+    return (
+        f"reference_jax.deeplift: {count} of the {size} multipliers of input leaf {path} are not finite "
+        f"(NaN or inf), so its attributions would be meaningless. {_NON_FINITE_FIX}"
+    )
+
+
+def checked_finite(multipliers, path: str):
+    """``multipliers`` after checking that every element is finite (a non-finite multiplier is
+    refused, never returned). Known values are checked at once; traced ones (under ``jit`` /
+    ``vmap``) by a host callback whose error surfaces as a ``JaxRuntimeError`` carrying the
+    same :class:`DeepLiftError` message."""
+    known = _concrete(multipliers)
+    if known is not None:
+        bad = int(np.size(known) - np.count_nonzero(np.isfinite(known)))
+        if bad:
+            raise DeepLiftError(_non_finite_message(path, bad, int(np.size(known))))
+        return multipliers
+
+    def check(m):
+        m = np.asarray(m)
+        bad = int(m.size - np.count_nonzero(np.isfinite(m)))
+        if bad:
+            raise DeepLiftError(_non_finite_message(path, bad, int(m.size)))
+        return m
+
+    shape = jax.ShapeDtypeStruct(jax.numpy.shape(multipliers), jax.numpy.result_type(multipliers))
+    return jax.pure_callback(check, shape, multipliers, vmap_method="broadcast_all")

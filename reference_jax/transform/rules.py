@@ -5,7 +5,9 @@ rule's multipliers (the same factor for both halves, so both halves keep equal m
 Each rule comes from the one place it is written in :mod:`reference_jax`:
 
 * Rescale of unary elementwise primitives: :func:`reference_jax.ops.unary_rescale_factor`
-  (sigmoid / tanh through :func:`reference_jax.rescale.rescale`); a binary primitive with one
+  (sigmoid / tanh by :func:`reference_jax.rescale.sigmoid_quotient` / ``tanh_quotient``: the
+  factor of ``rescale.rescale`` to rounding, in three exponentials instead of ~15
+  transcendentals); a binary primitive with one
   constant operand is a unary function of the other: its partial quotient from
   :func:`reference_jax.ops.binary_quotients` at equal halves of the constant.
 * Two varying operands of an elementwise binary: :func:`reference_jax.ops.binary_quotients`.
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from jax.scipy.special import erfc
 
 from reference_jax import ops
+from reference_jax.rescale import sigmoid_quotient, tanh_quotient
 from reference_jax.transform.pairs import Val, bind
 
 __all__ = [
@@ -164,8 +167,9 @@ def clamp_factor(a, r, lo, hi):
 
 #: primitive name -> ``eqn -> factor(a, r)`` for unary elementwise primitives (Rescale).
 UNARY_FACTORS: dict[str, Callable] = {
-    "logistic": lambda eqn: _unary("sigmoid"),
-    "tanh": lambda eqn: _unary("tanh"),
+    # the same factors as ops' sigmoid / tanh (rescale.rescale) to rounding, from cheaper closed forms
+    "logistic": lambda eqn: sigmoid_quotient,
+    "tanh": lambda eqn: tanh_quotient,
     "exp": lambda eqn: _unary("exp"),
     "expm1": lambda eqn: _unary("exp"),  # e^a − 1 − (e^r − 1): the exp quotient
     "exp2": lambda eqn: lambda a, r: ops.binary_quotients("pow", 2.0, 2.0, a, r)[1],

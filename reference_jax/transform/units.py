@@ -13,7 +13,12 @@ transformation and the torch handler agree on them (the torch side sees one op).
 Layer norm and RMS norm need no recognition: written as ``x − mean``, ``mean(xc²)``,
 ``xc · rsqrt(v + eps)`` their primitive-by-primitive rules *are* ``ops``' layer_norm /
 rms_norm rules (mean and centring linear, square Rescale ``a + r``, rsqrt Rescale, Shapley
-product with the broadcast scale), and the cross-checks hold them to it.
+product with the broadcast scale). The variance written ``E[x²] − E[x]²`` (flax's
+``LayerNorm``, ``jax.nn.standardize``) gets the same multiplier too: square's Rescale factor is
+``a + r``, so ``m_var · ((x_a + x_r) − (μ_a + μ_r)) / n = m_var · (xc_a + xc_r) / n``, the
+centred form's. Recognising it would change only the forward value (the user's own variance is
+kept). The tests hold flax / equinox LayerNorm, ``jax.nn.standardize`` and flax RMSNorm to
+``ops``' rules and to the torch handler.
 """
 
 from __future__ import annotations
