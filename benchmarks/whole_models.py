@@ -107,10 +107,10 @@ def _recurrent_rules_only():
     from torch_handler import mode
 
     @contextmanager
-    def off(model, recurrent, strict=False):
+    def off(model, recurrent, strict=False, engine_hooks=None):
         yield None
 
-    with mock.patch.object(mode.interception, "intercepting", off):
+    with mock.patch.object(mode, "intercepting", off):
         yield
 
 
