@@ -272,8 +272,15 @@ def _run(build: _Build, command: list[str]) -> subprocess.CompletedProcess:
                    "that works")
     if build.stopping or not remaining > 0:
         raise _BuildError(f"the build did not finish within {TIMEOUT_ENV}={build.timeout:g} s", timeout_fix)
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, errors="replace", start_new_session=True, preexec_fn=_die_with_parent())
+    options = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                   errors="replace", start_new_session=True)
+    try:
+        process = subprocess.Popen(command, preexec_fn=_die_with_parent(), **options)
+    except RuntimeError:
+        # Python 3.12 refuses a preexec_fn once the interpreter is shutting down (atexit runs
+        # while this build finishes, see _at_exit), sys.is_finalizing() still False. Started
+        # without it, the compiler is still in its own session and _at_exit kills its group.
+        process = subprocess.Popen(command, **options)
     build.process = process
     try:
         out, err = process.communicate(timeout=remaining)
