@@ -102,7 +102,7 @@ def test_factors_match_the_rule(threads, kind, dtype, pairs, hidden, t0):
     if kind == "RNN-relu":  # both signs of a relu pair, and a pair straddling 0
         pre[:, :n, 0], pre[:, n:, 0] = 1.5, -0.5
     want = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, x.shape[0]))
-    got = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, x.shape[0])
+    got = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, x.shape[0], torch.arange(x.shape[1]))
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape

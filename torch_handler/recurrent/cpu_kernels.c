@@ -15,7 +15,12 @@
  *             another, so threads on disjoint pairs never wait for each other);
  *   buffers   row-major (steps, B, columns), as the rules' forward_buffers;
  *   factors   the chunk's step_factors, row-major and pair-major: (tau, N, blocks, H); row b
- *             of either half reads pair b mod N's;
+ *             of either half reads pair b mod N's; the factor kernels read the buffers through
+ *             a row map, rows (2N): pair p's actual row rows[p] and reference row rows[N + p]
+ *             among the buffers' B rows (the forward may have run once per distinct row, see
+ *             torch_handler/recurrent/row_layout.py; else rows[b] = b and B = 2N);
+ *   halves    backward runs the rows of both halves (2) or the actual half only (1: the
+ *             reference half's multipliers are all zero and stay so; rows never mix);
  *   mh, mc    (B, H) running multipliers of the state, updated in place (backward runs a chunk
  *             last step first and leaves the multipliers of the state before its first step);
  *   mz        (tau, B, width) written with each step's pre-activation multipliers;
@@ -92,12 +97,31 @@ static inline int64_t NAME(row)(int64_t r, int64_t p0, int64_t n, int64_t N)
     return r < n ? p0 + r : N + p0 + r - n;
 }
 
-/* Loads m (<= VL) numbers from p into a vector, zeros past them. */
+/* Loads m (<= VL) numbers from p into a vector, zeros past them. A whole vector is one
+ * unaligned load: a memcpy of variable length compiles to `rep movs` through the stack, which
+ * cost more than the arithmetic on the vector (measured: the factor kernels 2-3x slower). */
 static inline NAME(vec) NAME(load)(const REAL *p, int64_t m)
 {
-    NAME(vec) v = SPLAT(0);
-    memcpy(&v, p, (size_t)m * sizeof(REAL));
+    NAME(vec) v;
+    if (m == VL) {
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+    v = SPLAT(0);
+    for (int64_t k = 0; k < m; ++k)
+        v[k] = p[k];
     return v;
+}
+
+/* Stores the first m (<= VL) lanes of v at p (the same fast path as load). */
+static inline void NAME(store)(REAL *p, NAME(vec) v, int64_t m)
+{
+    if (m == VL) {
+        memcpy(p, &v, sizeof v);
+        return;
+    }
+    for (int64_t k = 0; k < m; ++k)
+        p[k] = v[k];
 }
 
 /* out[r][0:2VL] += a[r][:K] @ w for R rows, w a packed (K, 2VL) block: one function per R, so
@@ -139,13 +163,14 @@ DEFINE_BLOCK(8)
 #endif
 #undef DEFINE_BLOCK
 
-/* out[row] += a[row, :K] @ w for the rows of pairs p0..p0+n-1; a rows lda apart, out rows ldo
+/* out[row] += a[row, :K] @ w for the first `rows` (n or 2n) rows of pairs p0..p0+n-1 (see row);
+ * a rows lda apart, out rows ldo
  * apart; w (K, M) row-major, and packed: its first M - M mod 2VL columns as (M / 2VL, K, 2VL),
  * every block contiguous (so that the k loop reads memory in order). Blocked as BLAS blocks a
  * product: a (KB, 2VL) slice of w stays in the L1 cache while every block of rows runs over it,
  * and each row's sum still runs over k in order (the same rounding whatever the batch). */
 #define KB 128
-static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64_t M, const REAL *a,
+static void NAME(add_product)(int64_t p0, int64_t n, int64_t nrows, int64_t N, int64_t K, int64_t M, const REAL *a,
                               int64_t lda, const REAL *w, const REAL *packed, REAL *out, int64_t ldo)
 {
     const int64_t mv = M / (2 * VL) * (2 * VL);
@@ -153,8 +178,8 @@ static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64
         for (int64_t k0 = 0; k0 < K; k0 += KB) {
             const int64_t kb = K - k0 < KB ? K - k0 : KB;
             const REAL *slice = packed + j * K + k0 * 2 * VL;
-            for (int64_t r0 = 0; r0 < 2 * n; r0 += ROW_BLOCK) {
-                const int64_t rows = 2 * n - r0 < ROW_BLOCK ? 2 * n - r0 : ROW_BLOCK;
+            for (int64_t r0 = 0; r0 < nrows; r0 += ROW_BLOCK) {
+                const int64_t rows = nrows - r0 < ROW_BLOCK ? nrows - r0 : ROW_BLOCK;
                 const REAL *ar[ROW_BLOCK];
                 REAL *outj[ROW_BLOCK];
                 for (int64_t r = 0; r < rows; ++r) {
@@ -176,7 +201,7 @@ static void NAME(add_product)(int64_t p0, int64_t n, int64_t N, int64_t K, int64
                 }
             }
         }
-    for (int64_t r = 0; r < 2 * n; ++r) {  /* columns past the last full pair of vectors */
+    for (int64_t r = 0; r < nrows; ++r) {  /* columns past the last full pair of vectors */
         const int64_t b = NAME(row)(r, p0, n, N);
         for (int64_t j = mv; j < M; ++j) {
             REAL acc = out[b * ldo + j];
@@ -287,6 +312,21 @@ static inline NAME(operand) NAME(operand_of)(NAME(vec) x)
     return o;
 }
 
+/* The operand of x with its e and σ(x) read from a row of an operand cache (e at p, σ(x) at
+ * p + H: written by the operands kernels below with operand_of, so the same bits), or
+ * computed here when p is NULL. */
+static inline NAME(operand) NAME(operand_at)(NAME(vec) x, const REAL *p, int64_t H, int64_t m)
+{
+    if (!p)
+        return NAME(operand_of)(x);
+    NAME(operand) o;
+    o.x = x;
+    o.e = NAME(load)(p, m);
+    o.pos = NAME(load)(p + H, m);
+    o.neg = o.e * o.pos;
+    return o;
+}
+
 /* rescale_sigmoid(a, r) = (σ(a) - σ(r)) / (a - r) = σ(hi) σ(-lo) (1 - e^-(hi-lo)) / (hi - lo),
  * the closed form of rules.rescale_sigmoid (no cancellation, no threshold on a - r). */
 static inline NAME(vec) NAME(rescale_sigmoid)(NAME(operand) a, NAME(operand) r)
@@ -309,7 +349,7 @@ static inline NAME(vec) NAME(tanh_of_double)(NAME(operand) twice)
     for (int64_t j_ = 0; j_ < (m); j_ += VL) {                                    \
         const int64_t k_ = (m) - j_ < VL ? (m) - j_ : VL;                         \
         const NAME(vec) x_ = f(NAME(load)((v) + j_, k_));                         \
-        memcpy((v) + j_, &x_, (size_t)k_ * sizeof(REAL));                         \
+        NAME(store)((v) + j_, x_, k_);                                            \
     }
 
 /* LSTMRule.step over T steps: z (T, B, 4H) holds the input projections (g's block doubled,
@@ -323,7 +363,7 @@ static void NAME(lstm_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t 
     for (int64_t t = 0; t < T; ++t) {
         REAL *zt = z + t * B * G, *ct = c + t * B * H, *ht = out + t * B * H;
         const REAL *h_prev = t ? out + (t - 1) * B * H : h0, *c_prev = t ? c + (t - 1) * B * H : c0;
-        NAME(add_product)(p0, n, N, H, G, h_prev, H, w_t, w_t_packed, zt, G);
+        NAME(add_product)(p0, n, 2 * n, N, H, G, h_prev, H, w_t, w_t_packed, zt, G);
         for (int64_t r = 0; r < 2 * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N);
             REAL *s = gates + b * G;
@@ -362,8 +402,8 @@ static void NAME(gru_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N
             else
                 memset(hb, 0, (size_t)H * sizeof(REAL));
         }
-        NAME(add_product)(p0, n, N, H, 2 * H, h_prev, H, w_rz_t, w_rz_packed, gxt, G);
-        NAME(add_product)(p0, n, N, H, H, h_prev, H, w_n_t, w_n_packed, hnt, H);
+        NAME(add_product)(p0, n, 2 * n, N, H, 2 * H, h_prev, H, w_rz_t, w_rz_packed, gxt, G);
+        NAME(add_product)(p0, n, 2 * n, N, H, H, h_prev, H, w_n_t, w_n_packed, hnt, H);
         for (int64_t r = 0; r < 2 * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N);
             REAL *s = gates + b * 2 * H, *hb = ht + b * H;
@@ -392,7 +432,7 @@ static void NAME(rnn_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N
     for (int64_t t = 0; t < T; ++t) {
         REAL *pt = pre + t * B * H, *ht = out + t * B * H;
         const REAL *h_prev = t ? out + (t - 1) * B * H : h0;
-        NAME(add_product)(p0, n, N, H, H, h_prev, H, w_t, w_t_packed, pt, H);
+        NAME(add_product)(p0, n, 2 * n, N, H, H, h_prev, H, w_t, w_t_packed, pt, H);
         for (int64_t r = 0; r < 2 * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N);
             REAL *hb = ht + b * H;
@@ -415,29 +455,33 @@ static void NAME(rnn_forward_pairs)(int64_t p0, int64_t p1, int64_t T, int64_t N
  *   K_i = R(u_i) mean(g), K_f = R(u_f) mean(c), K_g = 2 R(u_g) mean(i), K_o = R(u_o) mean(tanh c'),
  *   A = mean(o) R_tanh(c'), R the sigmoid's Rescale factor, g = 2σ(u_g) - 1. */
 static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *z,
-                                    const REAL *c, const REAL *c_first, REAL *fc, REAL *fp)
+                                    const REAL *c, const REAL *c_first, REAL *fc, REAL *fp,
+                                    const int64_t *rows, int64_t B, const REAL *ops)
 {
-    const int64_t B = 2 * N, G = 4 * H;
+    const int64_t G = 4 * H;
     for (int64_t i = i0; i < i1; ++i) {  /* i = t N + p: step t of pair p */
-        const int64_t t = i / N, p = i % N;
-        const REAL *za = z + (t * B + p) * G, *zr = z + (t * B + N + p) * G;
+        const int64_t t = i / N, p = i % N, row_a = rows[p], row_r = rows[N + p];
+        const REAL *za = z + (t * B + row_a) * G, *zr = z + (t * B + row_r) * G;
         const REAL *state[4] = {  /* c'_a, c'_r, c_a, c_r (c: the state before the step) */
-            c + (t * B + p) * H, c + (t * B + N + p) * H,
-            t ? c + ((t - 1) * B + p) * H : c_first + p * H,
-            t ? c + ((t - 1) * B + N + p) * H : c_first + (N + p) * H};
+            c + (t * B + row_a) * H, c + (t * B + row_r) * H,
+            t ? c + ((t - 1) * B + row_a) * H : c_first + row_a * H,
+            t ? c + ((t - 1) * B + row_r) * H : c_first + row_r * H};
+        const REAL *oa = ops ? ops + (t * B + row_a) * 10 * H : NULL;
+        const REAL *or_ = ops ? ops + (t * B + row_r) * 10 * H : NULL;
         REAL *Fc = fc + i * 5 * H, *Fp = fp + i * 5 * H;
         for (int64_t j = 0; j < H; j += VL) {
             const int64_t m = H - j < VL ? H - j : VL;
             NAME(vec) R[4], mean[4], v[4];
             for (int k = 0; k < 4; ++k) {  /* the gates i, f, g (u_g), o */
-                const NAME(operand) a = NAME(operand_of)(NAME(load)(za + k * H + j, m));
-                const NAME(operand) r = NAME(operand_of)(NAME(load)(zr + k * H + j, m));
+                const NAME(operand) a = NAME(operand_at)(NAME(load)(za + k * H + j, m), oa ? oa + 2 * k * H + j : NULL, H, m);
+                const NAME(operand) r = NAME(operand_at)(NAME(load)(zr + k * H + j, m), or_ ? or_ + 2 * k * H + j : NULL, H, m);
                 R[k] = NAME(rescale_sigmoid)(a, r);
                 mean[k] = (a.pos + r.pos) * (REAL)0.5;
             }
             for (int k = 0; k < 4; ++k)
                 v[k] = NAME(load)(state[k] + j, m);
-            const NAME(operand) c2_a = NAME(operand_of)(2 * v[0]), c2_r = NAME(operand_of)(2 * v[1]);
+            const NAME(operand) c2_a = NAME(operand_at)(2 * v[0], oa ? oa + 8 * H + j : NULL, H, m);
+            const NAME(operand) c2_r = NAME(operand_at)(2 * v[1], or_ ? or_ + 8 * H + j : NULL, H, m);
             const NAME(vec) mean_g = mean[2] * 2 - 1;
             NAME(vec) out_c[5], out_p[5];
             out_c[0] = R[0] * mean_g;
@@ -450,8 +494,8 @@ static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H
                 out_p[k] = out_c[k] * A;
             out_p[3] = R[3] * ((NAME(tanh_of_double)(c2_a) + NAME(tanh_of_double)(c2_r)) * (REAL)0.5);
             for (int k = 0; k < 5; ++k) {
-                memcpy(Fc + k * H + j, &out_c[k], (size_t)m * sizeof(REAL));
-                memcpy(Fp + k * H + j, &out_p[k], (size_t)m * sizeof(REAL));
+                NAME(store)(Fc + k * H + j, out_c[k], m);
+                NAME(store)(Fp + k * H + j, out_p[k], m);
             }
         }
     }
@@ -465,22 +509,23 @@ static void NAME(lstm_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H
  *   K_r = mean(hn') R(pre_r) K_n,  K_h = [K_r, K_z, K_n mean(r)],  n = 2σ(u) - 1. */
 static void NAME(gru_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, const REAL *gx,
                                    const REAL *hn, const REAL *h, const REAL *h_first, REAL *kx, REAL *kh,
-                                   REAL *mean_z)
+                                   REAL *mean_z, const int64_t *rows, int64_t B, const REAL *ops)
 {
-    const int64_t B = 2 * N, G = 3 * H;
+    const int64_t G = 3 * H;
     for (int64_t i = i0; i < i1; ++i) {
-        const int64_t t = i / N, p = i % N;
-        const REAL *ga = gx + (t * B + p) * G, *gr = gx + (t * B + N + p) * G;
-        const REAL *hna = hn + (t * B + p) * H, *hnr = hn + (t * B + N + p) * H;
-        const REAL *ha = t ? h + ((t - 1) * B + p) * H : h_first + p * H;
-        const REAL *hr = t ? h + ((t - 1) * B + N + p) * H : h_first + (N + p) * H;
+        const int64_t t = i / N, p = i % N, a = rows[p], b = rows[N + p];
+        const REAL *ga = gx + (t * B + a) * G, *gr = gx + (t * B + b) * G;
+        const REAL *hna = hn + (t * B + a) * H, *hnr = hn + (t * B + b) * H;
+        const REAL *ha = t ? h + ((t - 1) * B + a) * H : h_first + a * H;
+        const REAL *hr = t ? h + ((t - 1) * B + b) * H : h_first + b * H;
+        const REAL *oa = ops ? ops + (t * B + a) * 4 * H : NULL, *or_ = ops ? ops + (t * B + b) * 4 * H : NULL;
         REAL *Kx = kx + i * G, *Kh = kh + i * G, *mz = mean_z + i * H;
         for (int64_t j = 0; j < H; j += VL) {
             const int64_t m = H - j < VL ? H - j : VL;
-            const NAME(operand) r_a = NAME(operand_of)(NAME(load)(ga + j, m));
-            const NAME(operand) r_r = NAME(operand_of)(NAME(load)(gr + j, m));
-            const NAME(operand) z_a = NAME(operand_of)(NAME(load)(ga + H + j, m));
-            const NAME(operand) z_r = NAME(operand_of)(NAME(load)(gr + H + j, m));
+            const NAME(operand) r_a = NAME(operand_at)(NAME(load)(ga + j, m), oa ? oa + j : NULL, H, m);
+            const NAME(operand) r_r = NAME(operand_at)(NAME(load)(gr + j, m), or_ ? or_ + j : NULL, H, m);
+            const NAME(operand) z_a = NAME(operand_at)(NAME(load)(ga + H + j, m), oa ? oa + 2 * H + j : NULL, H, m);
+            const NAME(operand) z_r = NAME(operand_at)(NAME(load)(gr + H + j, m), or_ ? or_ + 2 * H + j : NULL, H, m);
             const NAME(vec) hn_a = NAME(load)(hna + j, m), hn_r = NAME(load)(hnr + j, m);
             const NAME(operand) u_a = NAME(operand_of)(NAME(load)(ga + 2 * H + j, m) + r_a.pos * hn_a);
             const NAME(operand) u_r = NAME(operand_of)(NAME(load)(gr + 2 * H + j, m) + r_r.pos * hn_r);
@@ -491,13 +536,13 @@ static void NAME(gru_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H,
             const NAME(vec) k_r = (hn_a + hn_r) * (REAL)0.5 * NAME(rescale_sigmoid)(r_a, r_r) * k_n;
             const NAME(vec) k_hn = k_n * ((r_a.pos + r_r.pos) * (REAL)0.5);
             const NAME(vec) m_z = (z_a.pos + z_r.pos) * (REAL)0.5;
-            memcpy(Kx + j, &k_r, (size_t)m * sizeof(REAL));
-            memcpy(Kx + H + j, &k_z, (size_t)m * sizeof(REAL));
-            memcpy(Kx + 2 * H + j, &k_n, (size_t)m * sizeof(REAL));
-            memcpy(Kh + j, &k_r, (size_t)m * sizeof(REAL));
-            memcpy(Kh + H + j, &k_z, (size_t)m * sizeof(REAL));
-            memcpy(Kh + 2 * H + j, &k_hn, (size_t)m * sizeof(REAL));
-            memcpy(mz + j, &m_z, (size_t)m * sizeof(REAL));
+            NAME(store)(Kx + j, k_r, m);
+            NAME(store)(Kx + H + j, k_z, m);
+            NAME(store)(Kx + 2 * H + j, k_n, m);
+            NAME(store)(Kh + j, k_r, m);
+            NAME(store)(Kh + H + j, k_z, m);
+            NAME(store)(Kh + 2 * H + j, k_hn, m);
+            NAME(store)(mz + j, m_z, m);
         }
     }
 }
@@ -505,12 +550,14 @@ static void NAME(gru_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H,
 /* RNNRule.coefficients for a chunk (pair-steps i0..i1-1): pre (tau, B, H) the pre-activations;
  * writes rescale (tau, N, H), the Rescale factor of tanh (relu = 0) or relu (relu = 1). */
 static void NAME(rnn_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H, int64_t relu,
-                                   const REAL *pre, REAL *rescale)
+                                   const REAL *pre, REAL *rescale, const int64_t *rows, int64_t B,
+                                   const REAL *ops)
 {
-    const int64_t B = 2 * N;
     for (int64_t i = i0; i < i1; ++i) {
         const int64_t t = i / N, p = i % N;
-        const REAL *pa = pre + (t * B + p) * H, *pr = pre + (t * B + N + p) * H;
+        const REAL *pa = pre + (t * B + rows[p]) * H, *pr = pre + (t * B + rows[N + p]) * H;
+        const REAL *oa = ops ? ops + (t * B + rows[p]) * 2 * H : NULL;
+        const REAL *or_ = ops ? ops + (t * B + rows[N + p]) * 2 * H : NULL;
         REAL *R = rescale + i * H;
         for (int64_t j = 0; j < H; j += VL) {
             const int64_t m = H - j < VL ? H - j : VL;
@@ -523,20 +570,80 @@ static void NAME(rnn_factors_rows)(int64_t i0, int64_t i1, int64_t N, int64_t H,
                 const NAME(vec) quotient = (relu_a - relu_r) / SELECT(same, SPLAT(1), d);
                 f = SELECT(same, SELECT(a + r > 0, SPLAT(1), zero), quotient);
             } else {  /* rules.rescale_tanh = 4 rescale_sigmoid(2a, 2r) */
-                f = NAME(rescale_sigmoid)(NAME(operand_of)(2 * a), NAME(operand_of)(2 * r)) * 4;
+                f = NAME(rescale_sigmoid)(NAME(operand_at)(2 * a, oa ? oa + j : NULL, H, m),
+                                          NAME(operand_at)(2 * r, or_ ? or_ + j : NULL, H, m)) * 4;
             }
-            memcpy(R + j, &f, (size_t)m * sizeof(REAL));
+            NAME(store)(R + j, f, m);
+        }
+    }
+}
+
+/* The operands of a chunk's rows, once per row (this function: its row-steps i0..i1-1, i = t B
+ * + b, of tau steps and B rows), for the factor kernels to read for every pair a row is in
+ * (a row the forward ran once serves many pairs: see row_layout.py). ops (tau, B, K, 2, H):
+ * operand k's e then σ. LSTM, K = 5: the gates i, f, u_g, o from z, then 2c'. */
+static void NAME(lstm_operands_rows)(int64_t i0, int64_t i1, int64_t H, const REAL *z, const REAL *c, REAL *ops)
+{
+    for (int64_t i = i0; i < i1; ++i) {
+        const REAL *zi = z + i * 4 * H, *ci = c + i * H;
+        REAL *o = ops + i * 10 * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            for (int k = 0; k < 5; ++k) {
+                const NAME(operand) x = NAME(operand_of)(k < 4 ? NAME(load)(zi + k * H + j, m)
+                                                               : 2 * NAME(load)(ci + j, m));
+                NAME(store)(o + 2 * k * H + j, x.e, m);
+                NAME(store)(o + (2 * k + 1) * H + j, x.pos, m);
+            }
+        }
+    }
+}
+
+/* GRU, K = 2: r and z from gx. (Not u = gx_n + σ(r) hn': the compiler may contract that sum
+ * into a fused multiply-add in one function and not in another, and the cache must give the
+ * factor kernel's own bits.) */
+static void NAME(gru_operands_rows)(int64_t i0, int64_t i1, int64_t H, const REAL *gx, REAL *ops)
+{
+    for (int64_t i = i0; i < i1; ++i) {
+        const REAL *gi = gx + i * 3 * H;
+        REAL *o = ops + i * 4 * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            NAME(operand) x[2];
+            x[0] = NAME(operand_of)(NAME(load)(gi + j, m));
+            x[1] = NAME(operand_of)(NAME(load)(gi + H + j, m));
+            for (int k = 0; k < 2; ++k) {
+                NAME(store)(o + 2 * k * H + j, x[k].e, m);
+                NAME(store)(o + (2 * k + 1) * H + j, x[k].pos, m);
+            }
+        }
+    }
+}
+
+/* RNN with tanh, K = 1: 2 pre (tanh's Rescale factor is 4 rescale_sigmoid(2a, 2r)). */
+static void NAME(rnn_operands_rows)(int64_t i0, int64_t i1, int64_t H, const REAL *pre, REAL *ops)
+{
+    for (int64_t i = i0; i < i1; ++i) {
+        const REAL *pi = pre + i * H;
+        REAL *o = ops + i * 2 * H;
+        for (int64_t j = 0; j < H; j += VL) {
+            const int64_t m = H - j < VL ? H - j : VL;
+            const NAME(operand) x = NAME(operand_of)(2 * NAME(load)(pi + j, m));
+            NAME(store)(o + j, x.e, m);
+            NAME(store)(o + H + j, x.pos, m);
         }
     }
 }
 
 /* ------------------------------------------------------------------------------ backward */
 
-/* mh[row] = grad row of step s (0 once s >= with_grad), for the rows of pairs p0..p0+n-1. */
-static void NAME(load_grad)(int64_t p0, int64_t n, int64_t N, int64_t H, REAL *mh, const REAL *grad,
-                            int64_t s, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+/* mh[row] = grad row of step s (0 once s >= with_grad), for the first nrows rows of pairs
+ * p0..p0+n-1. */
+static void NAME(load_grad)(int64_t p0, int64_t n, int64_t nrows, int64_t N, int64_t H, REAL *mh,
+                            const REAL *grad, int64_t s, int64_t with_grad, int64_t g_st, int64_t g_sb,
+                            int64_t g_sh)
 {
-    for (int64_t r = 0; r < 2 * n; ++r) {
+    for (int64_t r = 0; r < nrows; ++r) {
         const int64_t b = NAME(row)(r, p0, n, N);
         if (s >= with_grad) {
             memset(mh + b * H, 0, (size_t)H * sizeof(REAL));
@@ -553,13 +660,14 @@ static void NAME(load_grad)(int64_t p0, int64_t n, int64_t N, int64_t H, REAL *m
 static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H,
                                       const REAL *fc, const REAL *fp, REAL *mh, REAL *mc, REAL *mz,
                                       int64_t width, const REAL *w, const REAL *w_packed, const REAL *grad,
-                                      int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+                                      int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh,
+                                      int64_t halves)
 {
     const int64_t B = 2 * N, F = 5 * H, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
         const int64_t t = tau - 1 - s;
         REAL *z = mz + t * B * width;
-        for (int64_t r = 0; r < 2 * n; ++r) {
+        for (int64_t r = 0; r < halves * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N);
             const REAL *fcb = fc + (t * N + b % N) * F, *fpb = fp + (t * N + b % N) * F;
             const REAL *hb = mh + b * H;
@@ -569,8 +677,8 @@ static void NAME(lstm_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64
                     zb[k * H + j] = cb[j] * fcb[k * H + j] + hb[j] * fpb[k * H + j];
             memcpy(cb, zb + 4 * H, (size_t)H * sizeof(REAL));
         }
-        NAME(load_grad)(p0, n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
-        NAME(add_product)(p0, n, N, 4 * H, H, z, width, w, w_packed, mh, H);
+        NAME(load_grad)(p0, n, halves * n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
+        NAME(add_product)(p0, n, halves * n, N, 4 * H, H, z, width, w, w_packed, mh, H);
     }
 }
 
@@ -580,13 +688,13 @@ static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
                                      const REAL *kx, const REAL *kh, const REAL *mean_z, REAL *mh, REAL *mz,
                                      int64_t width, REAL *side, const REAL *w, const REAL *w_packed,
                                      const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
-                                     int64_t g_sh)
+                                     int64_t g_sh, int64_t halves)
 {
     const int64_t B = 2 * N, F = 3 * H, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
         const int64_t t = tau - 1 - s;
         REAL *z = mz + t * B * width;
-        for (int64_t r = 0; r < 2 * n; ++r) {
+        for (int64_t r = 0; r < halves * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N), pair = t * N + b % N;
             const REAL *kxb = kx + pair * F, *khb = kh + pair * F, *mzb = mean_z + pair * H;
             REAL *hb = mh + b * H, *zb = z + b * width, *sb = side + b * F;
@@ -603,7 +711,7 @@ static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
                     hb[j] += g[j * g_sh];
             }
         }
-        NAME(add_product)(p0, n, N, 3 * H, H, side, F, w, w_packed, mh, H);
+        NAME(add_product)(p0, n, halves * n, N, 3 * H, H, side, F, w, w_packed, mh, H);
     }
 }
 
@@ -611,20 +719,20 @@ static void NAME(gru_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
 static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_t N, int64_t H,
                                      const REAL *rescale, REAL *mh, REAL *mz, int64_t width, const REAL *w,
                                      const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st,
-                                     int64_t g_sb, int64_t g_sh)
+                                     int64_t g_sb, int64_t g_sh, int64_t halves)
 {
     const int64_t B = 2 * N, n = p1 - p0;
     for (int64_t s = 0; s < tau; ++s) {
         const int64_t t = tau - 1 - s;
         REAL *z = mz + t * B * width;
-        for (int64_t r = 0; r < 2 * n; ++r) {
+        for (int64_t r = 0; r < halves * n; ++r) {
             const int64_t b = NAME(row)(r, p0, n, N);
             const REAL *rb = rescale + (t * N + b % N) * H;
             for (int64_t j = 0; j < H; ++j)
                 z[b * width + j] = mh[b * H + j] * rb[j];
         }
-        NAME(load_grad)(p0, n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
-        NAME(add_product)(p0, n, N, H, H, z, width, w, w_packed, mh, H);
+        NAME(load_grad)(p0, n, halves * n, N, H, mh, grad, s, with_grad, g_st, g_sb, g_sh);
+        NAME(add_product)(p0, n, halves * n, N, H, H, z, width, w, w_packed, mh, H);
     }
 }
 
@@ -675,50 +783,70 @@ void NAME(rnn_forward)(int64_t threads, int64_t T, int64_t N, int64_t H, int64_t
 }
 
 void NAME(lstm_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *z, const REAL *c,
-                        const REAL *c_first, REAL *fc, REAL *fp)
+                        const REAL *c_first, REAL *fc, REAL *fp, const int64_t *rows, int64_t B,
+                        const REAL *ops)
 {
     /* every pair-step is independent: the threads split them all, not only the pairs */
-    OVER_PAIRS(threads, tau * N, NAME(lstm_factors_rows)(p0, p1, N, H, z, c, c_first, fc, fp));
+    OVER_PAIRS(threads, tau * N, NAME(lstm_factors_rows)(p0, p1, N, H, z, c, c_first, fc, fp, rows, B, ops));
 }
 
 void NAME(gru_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *gx, const REAL *hn,
-                       const REAL *h, const REAL *h_first, REAL *kx, REAL *kh, REAL *mean_z)
+                       const REAL *h, const REAL *h_first, REAL *kx, REAL *kh, REAL *mean_z,
+                       const int64_t *rows, int64_t B, const REAL *ops)
 {
-    OVER_PAIRS(threads, tau * N, NAME(gru_factors_rows)(p0, p1, N, H, gx, hn, h, h_first, kx, kh, mean_z));
+    OVER_PAIRS(threads, tau * N,
+               NAME(gru_factors_rows)(p0, p1, N, H, gx, hn, h, h_first, kx, kh, mean_z, rows, B, ops));
 }
 
 void NAME(rnn_factors)(int64_t threads, int64_t tau, int64_t N, int64_t H, int64_t relu, const REAL *pre,
-                       REAL *rescale)
+                       REAL *rescale, const int64_t *rows, int64_t B, const REAL *ops)
 {
-    OVER_PAIRS(threads, tau * N, NAME(rnn_factors_rows)(p0, p1, N, H, relu, pre, rescale));
+    OVER_PAIRS(threads, tau * N, NAME(rnn_factors_rows)(p0, p1, N, H, relu, pre, rescale, rows, B, ops));
+}
+
+void NAME(lstm_operands)(int64_t threads, int64_t tau, int64_t B, int64_t H, const REAL *z, const REAL *c,
+                         REAL *ops)
+{
+    OVER_PAIRS(threads, tau * B, NAME(lstm_operands_rows)(p0, p1, H, z, c, ops));
+}
+
+void NAME(gru_operands)(int64_t threads, int64_t tau, int64_t B, int64_t H, const REAL *gx, REAL *ops)
+{
+    OVER_PAIRS(threads, tau * B, NAME(gru_operands_rows)(p0, p1, H, gx, ops));
+}
+
+void NAME(rnn_operands)(int64_t threads, int64_t tau, int64_t B, int64_t H, const REAL *pre, REAL *ops)
+{
+    OVER_PAIRS(threads, tau * B, NAME(rnn_operands_rows)(p0, p1, H, pre, ops));
 }
 
 void NAME(lstm_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *fc, const REAL *fp,
                          REAL *mh, REAL *mc, REAL *mz, int64_t width, const REAL *w, const REAL *w_packed,
-                         const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+                         const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh,
+                         int64_t halves)
 {
     OVER_PAIRS(threads, N,
                NAME(lstm_backward_pairs)(p0, p1, tau, N, H, fc, fp, mh, mc, mz, width, w, w_packed, grad,
-                                         with_grad, g_st, g_sb, g_sh));
+                                         with_grad, g_st, g_sb, g_sh, halves));
 }
 
 void NAME(gru_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *kx, const REAL *kh,
                         const REAL *mean_z, REAL *mh, REAL *mz, int64_t width, REAL *side, const REAL *w,
                         const REAL *w_packed, const REAL *grad, int64_t with_grad, int64_t g_st, int64_t g_sb,
-                        int64_t g_sh)
+                        int64_t g_sh, int64_t halves)
 {
     OVER_PAIRS(threads, N,
                NAME(gru_backward_pairs)(p0, p1, tau, N, H, kx, kh, mean_z, mh, mz, width, side, w, w_packed,
-                                        grad, with_grad, g_st, g_sb, g_sh));
+                                        grad, with_grad, g_st, g_sb, g_sh, halves));
 }
 
 void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, const REAL *rescale, REAL *mh,
                         REAL *mz, int64_t width, const REAL *w, const REAL *w_packed, const REAL *grad,
-                        int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh)
+                        int64_t with_grad, int64_t g_st, int64_t g_sb, int64_t g_sh, int64_t halves)
 {
     OVER_PAIRS(threads, N,
                NAME(rnn_backward_pairs)(p0, p1, tau, N, H, rescale, mh, mz, width, w, w_packed, grad,
-                                        with_grad, g_st, g_sb, g_sh));
+                                        with_grad, g_st, g_sb, g_sh, halves));
 }
 
 #undef OVER_PAIRS

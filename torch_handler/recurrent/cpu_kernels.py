@@ -16,6 +16,10 @@ from torch_handler.recurrent.fused_loops import ENV
 MAX_WEIGHT_BYTES = 1 << 20
 
 
+# Operands per row the factor kernels can read from a cache (see step_factors): LSTM the four
+# gates and 2c', GRU r and z, RNN (tanh) 2 pre.
+_OPERAND_SLOTS = {"LSTM": 5, "GRU": 2, "RNN": 1}
+
 MAX_ROWS = 64
 """The compiled loops serve a layer whose recurrent weights take at most MAX_WEIGHT_BYTES (an
 LSTM up to hidden size 256 in float32), at any batch size, and larger layers up to MAX_ROWS
@@ -84,37 +88,55 @@ def forward(rule, weights, buffers, state0) -> tuple[Tensor, ...]:
     return (OUT[-1],)
 
 
-def step_factors(rule, weights, buffers, state0, t0: int, t1: int) -> tuple[Tensor, ...]:
+def step_factors(rule, weights, buffers, state0, t0: int, t1: int, rows: Tensor) -> tuple[Tensor, ...]:
     """``rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))`` in one
     pass over the chunk: LSTM (F_c, F_p), each (τ, N, 5, H); GRU (K_x, K_h) (τ, N, 3, H) and
-    mean(z) (τ, N, H); RNN (R,) (τ, N, H)."""
-    tau, B, H = t1 - t0, buffers[0].shape[1], state0[0].shape[-1]
-    N, threads = B // 2, torch.get_num_threads()
-    kernel = getattr(cpu_loops.library(), f"{_KIND[rule.name]}_factors_{_SUFFIX[buffers[0].dtype]}")
+    mean(z) (τ, N, H); RNN (R,) (τ, N, H).
+
+    rows: (2N,) int64, the buffers' row of each row of the doubled batch (pair p: rows[p] and
+    rows[N + p]); the buffers (and ``state0``) hold 2N rows, or R < 2N where the forward ran
+    once per distinct row (:mod:`torch_handler.recurrent.row_layout`). Then each row's
+    exponentials and sigmoids are computed once (the operands kernel, into a cache the factor
+    kernel reads for every pair the row is in) instead of once per pair: the same bits.
+    """
+    tau, H = t1 - t0, state0[0].shape[-1]
+    N, R, threads = rows.shape[0] // 2, buffers[0].shape[1], torch.get_num_threads()
+    library, suffix = cpu_loops.library(), _SUFFIX[buffers[0].dtype]
+    ops = None
+    slots = _OPERAND_SLOTS[rule.name] if rule.name != "RNN" or rule.nonlinearity != "relu" else 0
+    if R < 2 * N and slots:
+        ops = buffers[0].new_empty(tau, R, slots, 2, H)
+        operands = getattr(library, f"{_KIND[rule.name]}_operands_{suffix}")
+        sources = {"LSTM": (0, 1), "GRU": (0,), "RNN": (0,)}[rule.name]  # the buffers each reads
+        operands(threads, tau, R, H, *(buffers[k][t0].data_ptr() for k in sources), ops.data_ptr())
+    row_map = (rows.data_ptr(), R, None if ops is None else ops.data_ptr())
+    kernel = getattr(library, f"{_KIND[rule.name]}_factors_{suffix}")
     new = lambda *shape: buffers[0].new_empty(tau, N, *shape)  # noqa: E731
     if rule.name == "LSTM":
         Z, C, _ = buffers
         c_first = C[t0 - 1] if t0 > 0 else state0[1].contiguous()
         F_c, F_p = new(5, H), new(5, H)
         kernel(threads, tau, N, H, Z[t0].data_ptr(), C[t0].data_ptr(), c_first.data_ptr(), F_c.data_ptr(),
-               F_p.data_ptr())
+               F_p.data_ptr(), *row_map)
         return F_c, F_p
     if rule.name == "GRU":
         GX, HN, OUT = buffers
         h_first = OUT[t0 - 1] if t0 > 0 else state0[0].contiguous()
         K_x, K_h, mean_z = new(3, H), new(3, H), new(H)
         kernel(threads, tau, N, H, GX[t0].data_ptr(), HN[t0].data_ptr(), OUT[t0].data_ptr(), h_first.data_ptr(),
-               K_x.data_ptr(), K_h.data_ptr(), mean_z.data_ptr())
+               K_x.data_ptr(), K_h.data_ptr(), mean_z.data_ptr(), *row_map)
         return K_x, K_h, mean_z
     R = new(H)
-    kernel(threads, tau, N, H, int(rule.nonlinearity == "relu"), buffers[0][t0].data_ptr(), R.data_ptr())
+    kernel(threads, tau, N, H, int(rule.nonlinearity == "relu"), buffers[0][t0].data_ptr(), R.data_ptr(), *row_map)
     return (R,)
 
 
 def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ...], m_z_chunk: Tensor,
-                   grad_out: Tensor | None, t0: int, t1: int) -> None:
+                   grad_out: Tensor | None, t0: int, t1: int, halves: int = 2) -> None:
     """Steps t1-1 down to t0 of backward, as the rule's ``step_backward`` would run them; the
-    same contract as :func:`torch_handler.recurrent.fused_loops.backward_chunk`."""
+    same contract as :func:`torch_handler.recurrent.fused_loops.backward_chunk`. halves=1 runs
+    the actual half's rows only (the caller found no multiplier reaching the reference half:
+    its multipliers stay zero, and its rows of ``m_z_chunk`` are left unwritten)."""
     two, N, H = m_h.shape
     tau = t1 - t0
     width = m_z_chunk.shape[-1]
@@ -127,7 +149,7 @@ def backward_chunk(rule, weights, factors, m_h: Tensor, m_rest: tuple[Tensor, ..
     packed = _packed(w_hh)
     w = (w_hh.data_ptr(), packed.data_ptr())
     kernel = getattr(cpu_loops.library(), f"{_KIND[rule.name]}_backward_{_SUFFIX[m_h.dtype]}")
-    tail = (grad.data_ptr(), with_grad, *g_strides)
+    tail = (grad.data_ptr(), with_grad, *g_strides, halves)
     threads = torch.get_num_threads()
     if rule.name == "LSTM":
         F_c, F_p = factors

@@ -565,17 +565,21 @@ if hasattr(os, "register_at_fork"):
 
 def _declare(library: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    grad = [i64] * 4  # with_grad, g_st, g_sb, g_sh
+    grad = [i64] * 4  # with_grad, g_st, g_sb, g_sh; the backward kernels then take halves
+    rows = [ptr, i64, ptr]  # the factor kernels' row map, the buffers' row count, the operand cache
     signatures = {  # each starts with (threads, steps, N, H)
         "lstm_forward": [i64] * 4 + [ptr] * 8,
         "gru_forward": [i64] * 4 + [ptr] * 10,
         "rnn_forward": [i64] * 5 + [ptr] * 5,
-        "lstm_factors": [i64] * 4 + [ptr] * 5,
-        "gru_factors": [i64] * 4 + [ptr] * 7,
-        "rnn_factors": [i64] * 5 + [ptr] * 2,
-        "lstm_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 3 + grad,
-        "gru_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 4 + grad,
-        "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad,
+        "lstm_factors": [i64] * 4 + [ptr] * 5 + rows,
+        "gru_factors": [i64] * 4 + [ptr] * 7 + rows,
+        "rnn_factors": [i64] * 5 + [ptr] * 2 + rows,
+        "lstm_operands": [i64] * 4 + [ptr] * 3,
+        "gru_operands": [i64] * 4 + [ptr] * 2,
+        "rnn_operands": [i64] * 4 + [ptr] * 2,
+        "lstm_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 3 + grad + [i64],
+        "gru_backward": [i64] * 4 + [ptr] * 5 + [i64] + [ptr] * 4 + grad + [i64],
+        "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad + [i64],
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
     for suffix in _SUFFIX.values():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.errors import NonFiniteError
-from torch_handler.recurrent import cpu_kernels, fused_loops
+from torch_handler.recurrent import cpu_kernels, fused_loops, row_layout
 
 
 def _split_pairs(t: Tensor) -> Tensor:
@@ -72,24 +72,38 @@ class RecurrentRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rule, weights, mask, x, *state0):
-        buffers = rule.forward_buffers(weights, x)
-        out = buffers[-1]
-        fused = fused_loops.enabled(rule, weights, x, mask)
+        B = x.shape[1]
+        # The engines' doubled batches repeat rows: the forward runs once per distinct row
+        # (see row_layout; packed sequences keep every row).
+        layout = row_layout.detect(x, state0) if mask is None else None
+        run_x, run_state0 = (x, state0) if layout is None else layout.compact(x, state0)
+        buffers = rule.forward_buffers(weights, run_x)
+        fused = fused_loops.enabled(rule, weights, run_x, mask)
         if fused:
-            state = fused_loops.forward(rule, weights, buffers, state0)
-        elif cpu_kernels.enabled(rule, weights, x.shape[1], x.device, x.dtype, mask):
-            state = cpu_kernels.forward(rule, weights, buffers, state0)
+            state = fused_loops.forward(rule, weights, buffers, run_state0)
+        elif cpu_kernels.enabled(rule, weights, run_x.shape[1], x.device, x.dtype, mask):
+            state = cpu_kernels.forward(rule, weights, buffers, run_state0)
         else:
-            state = _forward_loop(rule, weights, buffers, mask, state0, rule.step_workspace(weights, x))
+            state = _forward_loop(rule, weights, buffers, mask, run_state0, rule.step_workspace(weights, run_x))
         check_finite_buffers(buffers)
+        compiled_backward = not fused and cpu_kernels.enabled(rule, weights, B, x.device, x.dtype, mask)
+        if layout is None:
+            out, state = buffers[-1], tuple(s.clone() for s in state)  # copies: views of the buffers
+            rows = torch.arange(B, device=x.device) if compiled_backward else None
+        else:
+            out, state = buffers[-1].index_select(1, layout.index), tuple(s.index_select(0, layout.index) for s in state)
+            if compiled_backward:  # the factor kernels read the distinct rows through the row map
+                rows, state0 = layout.index, run_state0
+            else:  # the eager and fused backward read every row's buffers
+                rows, buffers = None, tuple(b.index_select(1, layout.index) for b in buffers)
         ctx.rule, ctx.weights, ctx.mask, ctx.num_states, ctx.fused = rule, weights, mask, len(state0), fused
+        ctx.batch, ctx.rows = B, rows
         # The output buffer is saved only for rules whose backward reads it (GRU): otherwise a
         # layer's output, once the next layer has read it, is freed like native autograd's.
         ctx.save_for_backward(*state0, *(buffers if rule.reads_output else buffers[:-1]))
         # Outputs nobody reads reach backward as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
-        # Final states are views of the buffers backward reads: hand out copies.
-        return (out, *(s.clone() for s in state))
+        return (out, *state)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
@@ -98,14 +112,14 @@ class RecurrentRuleFunction(torch.autograd.Function):
         state0, buffers = saved[: ctx.num_states], saved[ctx.num_states :]
         if not rule.reads_output:
             buffers = (*buffers, None)
-        T, B = buffers[0].shape[:2]
+        T, B = buffers[0].shape[0], ctx.batch
         gates = weights.w_hh.shape[0]  # pre-activation columns: the input multipliers' side
         width = rule.side_width(weights)  # a step's multiplier row: gates (and more, see rules)
         need_x = ctx.needs_input_grad[3]
         # Running multipliers of the state, (2, N, ·) each, owned here (updated in place;
         # row-major, as the fused loops' kernels read and write them).
         m_state = [
-            torch.zeros_like(_split_pairs(s), memory_format=torch.contiguous_format) if g is None
+            s.new_zeros(2, B // 2, *s.shape[1:]) if g is None
             else _split_pairs(g).clone(memory_format=torch.contiguous_format)
             for s, g in zip(state0, grad_state, strict=True)
         ]
@@ -120,15 +134,22 @@ class RecurrentRuleFunction(torch.autograd.Function):
         tau = chunk_steps(T, B // 2, width, ctx.fused)
         m_z_chunk = buffers[0].new_empty(tau, B, width)
         # A chunk's step loop: one fused GPU kernel, one compiled CPU call, or eager torch ops.
-        compiled = fused_loops if ctx.fused else None
-        if compiled is None and cpu_kernels.enabled(rule, weights, B, m_h.device, m_h.dtype, mask):
-            compiled = cpu_kernels
+        compiled = fused_loops if ctx.fused else (cpu_kernels if ctx.rows is not None else None)
+        # Where no multiplier reaches the reference half (deep_shap, and any engine that
+        # differentiates the actual half's outputs only), the compiled loops skip its rows:
+        # the recurrent rule never mixes the halves, so they would stay zero.
+        halves = 1 if compiled is cpu_kernels and _reference_half_idle(grad_out, grad_state, B // 2) else 2
+        if halves == 1 and need_x:
+            grad_x[:, B // 2 :].zero_()
         for t1 in range(T, 0, -tau):
             t0 = max(0, t1 - tau)
             if compiled is cpu_kernels:
-                coeffs = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, t1)
-            else:
-                coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
+                coeffs = cpu_kernels.step_factors(rule, weights, buffers, state0, t0, t1, ctx.rows)
+                cpu_kernels.backward_chunk(rule, weights, coeffs, m_h, m_rest, m_z_chunk, grad_out, t0, t1, halves)
+                if need_x:
+                    _input_multipliers(m_z_chunk, weights, grad_x, t0, t1, gates, halves)
+                continue
+            coeffs = rule.step_factors(weights, rule.coefficients(weights, buffers, state0, t0, t1))
             if compiled is not None:
                 compiled.backward_chunk(rule, weights, coeffs, m_h, m_rest, m_z_chunk, grad_out, t0, t1)
                 if need_x:
@@ -205,8 +226,21 @@ def _forward_loop(rule, weights, buffers, mask, state0, work):
     return state
 
 
-def _input_multipliers(m_z_chunk: Tensor, weights, grad_x: Tensor, t0: int, t1: int, gates: int) -> None:
-    """One matmul per chunk: the input multipliers of steps t0..t1-1 into ``grad_x``."""
+def _input_multipliers(m_z_chunk: Tensor, weights, grad_x: Tensor, t0: int, t1: int, gates: int,
+                       halves: int = 2) -> None:
+    """One matmul per chunk: the input multipliers of steps t0..t1-1 into ``grad_x`` (with
+    halves=1, the actual half's rows only)."""
     steps, B, width = t1 - t0, grad_x.shape[1], m_z_chunk.shape[-1]
+    if halves == 1:
+        torch.matmul(m_z_chunk[:steps, : B // 2, :gates], weights.w_ih, out=grad_x[t0:t1, : B // 2])
+        return
     torch.mm(m_z_chunk[:steps].view(steps * B, width)[:, :gates], weights.w_ih,
              out=grad_x[t0:t1].view(steps * B, -1))
+
+
+def _reference_half_idle(grad_out: Tensor | None, grad_state, N: int) -> bool:
+    """Whether every multiplier reaching the layer's reference half (rows N..2N-1 of its
+    outputs and final states) is zero (None: nobody read that output)."""
+    if grad_out is not None and bool(grad_out[:, N:].any()):
+        return False
+    return all(g is None or not bool(g[N:].any()) for g in grad_state)
