@@ -37,15 +37,23 @@ class RowLayout:
 
     index: (B,) int64, the distinct row of each batch row; distinct: (R,) int64, the batch row
     each distinct row is (R even: the compiled loops run rows in pairs, so an odd count gets its
-    last row twice).
+    last row twice); representative: (B,) int64, distinct[index], the batch row whose values
+    each row takes.
     """
 
     index: Tensor
     distinct: Tensor
+    representative: Tensor
 
     def compact(self, x: Tensor, states: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """x (T, B, I) and states (B, ·) on the distinct rows: (T, R, I) and (R, ·)."""
         return x.index_select(1, self.distinct), tuple(s.index_select(0, self.distinct) for s in states)
+
+
+# Layouts by (B, pattern of each half, device): the index tensors are built once per shape
+# (an engine explains batch after batch of the same layout).
+_LAYOUTS: dict = {}
+_MAX_CACHED = 64
 
 
 def detect(x: Tensor, states: tuple[Tensor, ...]) -> RowLayout | None:
@@ -53,44 +61,63 @@ def detect(x: Tensor, states: tuple[Tensor, ...]) -> RowLayout | None:
     ((B, ·) each), or None when it repeats too few rows to pay (see MAX_KEPT_FRACTION)."""
     T, B = x.shape[:2]
     N = B // 2
-    if N < 2 or B != 2 * N:
+    if N < 2 or B != 2 * N or x.numel() == 0:
         return None
-    halves = [_half(x[:, :N]), _half(x[:, N:])]
-    kept = sum(len(d) for _, d in halves)
-    if kept > MAX_KEPT_FRACTION * B:
+    halves = x.reshape(T, 2, N, -1)
+    # one pass over the input: which rows of each half equal that half's first row
+    same_as_first = (halves == halves[:, :, :1]).all(3).all(0).tolist()
+    patterns = tuple(_pattern(halves[:, k], same_as_first[k]) for k in (0, 1))
+    if patterns == (("rows", N), ("rows", N)):
         return None
-    (index_a, distinct_a), (index_r, distinct_r) = halves
-    device = x.device
-    index = torch.tensor(index_a + [len(distinct_a) + i for i in index_r], dtype=torch.int64, device=device)
-    rows = distinct_a + [N + d for d in distinct_r]
-    if len(rows) % 2:
-        rows.append(rows[-1])
-    layout = RowLayout(index, torch.tensor(rows, dtype=torch.int64, device=device))
+    key = (B, patterns, x.device)
+    if key in _LAYOUTS:
+        layout = _LAYOUTS[key]
+    else:
+        layout = _build(N, patterns, x.device)
+        if len(_LAYOUTS) >= _MAX_CACHED:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    if layout is None:
+        return None
     # The states must repeat where the input does (a state computed from another input of the
     # model, or passed in, may not).
     for s in states:
-        if not torch.equal(s.index_select(0, layout.distinct).index_select(0, index), s):
+        if not torch.equal(s.index_select(0, layout.representative), s):
             return None
     return layout
 
 
-def _half(h: Tensor) -> tuple[list[int], list[int]]:
-    """(index, distinct) of one half h (T, N, I): runs, a period, or every row its own."""
+def _pattern(h: Tensor, same_as_first: list) -> tuple[str, int]:
+    """One half h (T, N, F): ("runs", s), ("period", p) or ("rows", N), checked exactly."""
     T, N = h.shape[:2]
-    rest = h.shape[2:]
-    same_as_first = (h == h[:, :1]).reshape(T, N, -1).all(2).all(0).tolist()
-    identity = (list(range(N)), list(range(N)))
     # runs of s equal rows: s is the first run's length
     s = same_as_first.index(False) if False in same_as_first else N
     if s > 1 and N % s == 0:
-        blocks = h.reshape(T, N // s, s, *rest)
+        blocks = h.reshape(T, N // s, s, -1)
         if s == N or torch.equal(blocks, blocks[:, :, :1].expand_as(blocks)):
-            return [i // s for i in range(N)], list(range(0, N, s))
-        return identity
+            return ("runs", s)
+        return ("rows", N)
     # a period p: the first row equal to row 0 after it
     p = same_as_first.index(True, 1) if True in same_as_first[1:] else N
     if p < N and N % p == 0:
-        periods = h.reshape(T, N // p, p, *rest)
+        periods = h.reshape(T, N // p, p, -1)
         if torch.equal(periods, periods[:, :1].expand_as(periods)):
-            return [i % p for i in range(N)], list(range(p))
-    return identity
+            return ("period", p)
+    return ("rows", N)
+
+
+def _build(N: int, patterns, device) -> RowLayout | None:
+    """The layout of two halves of N rows with these patterns (None: too few repeats)."""
+    parts = []
+    for kind, k in patterns:
+        rows = torch.arange(N)
+        parts.append({"runs": (rows // k, rows[::k]), "period": (rows % k, rows[:k]), "rows": (rows, rows)}[kind])
+    (index_a, distinct_a), (index_r, distinct_r) = parts
+    kept = len(distinct_a) + len(distinct_r)
+    if kept > MAX_KEPT_FRACTION * 2 * N:
+        return None
+    index = torch.cat([index_a, len(distinct_a) + index_r])
+    distinct = torch.cat([distinct_a, N + distinct_r])
+    if kept % 2:
+        distinct = torch.cat([distinct, distinct[-1:]])
+    return RowLayout(index.to(device), distinct.to(device), distinct[index].to(device))
