@@ -96,8 +96,9 @@ class _FiniteMultipliers(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        for grad in grads:
-            if grad is not None and not all_finite(grad):
+        present = [g for g in grads if g is not None]
+        if present and not bool(torch.isfinite(sum(g.sum() for g in present))):  # one test first
+            if not all(all_finite(g) for g in present):
                 raise NonFiniteError(ctx.message)
         return (None, *grads)
 
@@ -116,16 +117,9 @@ def _guard_inputs(module: nn.Module, tensors: tuple[Tensor, ...]) -> tuple[Tenso
 
 
 def _guard_outputs(module: nn.Module, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Raise NonFiniteError now if a forward value is NaN or Inf; check incoming multipliers
-    in backward."""
-    for tensor in tensors:
-        if not all_finite(tensor):
-            raise NonFiniteError(
-                f"{_label(module)}: its outputs contain NaN or Inf although its inputs are "
-                "finite: the recurrence overflowed inside the layer (typically a relu RNN "
-                "growing without bound in float32). DeepLIFT values would be NaN. Explain in "
-                "float64 (model.double(), inputs .double()) or rescale the inputs / weights."
-            )
+    """Check the multipliers that reach the outputs in backward. (Their forward values need no
+    check here: every layer's forward buffers, which hold them, were checked as each layer ran,
+    ``check_finite_buffers``, whose NonFiniteError the caller names the module in.)"""
     guarded = _FiniteMultipliers.apply(
         f"{_label(module)}: the multipliers reaching it from the layers after it are NaN or "
         "Inf; the non-finite values arise downstream of this module, in the model's head.",
