@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils.weak import WeakIdKeyDictionary
 
 from torch_handler.errors import DoubledBatchError, NonFiniteError, UnsupportedConfigurationError
 from torch_handler.explanation import module_label
@@ -188,6 +189,38 @@ def _layer_weights(module: nn.Module, layer: int, direction: int):
     return _detached(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
 
 
+# The rules' weights of each module, built once per value of its parameters: a cell in a
+# Python loop, or shap's one call per sample, would otherwise rebuild them (doubled blocks,
+# transposed copies) on every call. Keyed by the module object, weakly (nothing of the user's
+# changes or stays alive), one entry per (rule, layer, direction) holding a copy of the
+# parameters it was built from: reused only while every parameter still equals its copy
+# element for element. (Not version counters: an update through ``param.data`` bumps none.)
+_RULE_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _rule_weights(module: nn.Module, rule, params: tuple, slot) -> tuple:
+    """``rule.weights(*params)`` (params detached, see _detached), from the cache when the
+    parameters equal those it was built from."""
+    entries = _RULE_WEIGHTS.get(module)
+    if entries is None:
+        entries = _RULE_WEIGHTS.setdefault(module, {})
+    key = (getattr(rule, "name", type(rule).__name__), slot)
+    cached = entries.get(key)
+    if cached is not None and _same(cached[0], params):
+        return cached[1]
+    weights = rule.weights(*params)
+    entries[key] = (tuple(None if p is None else p.clone() for p in params), weights)
+    return weights
+
+
+def _same(copies: tuple, params: tuple) -> bool:
+    return all(
+        (c is None and p is None)
+        or (c is not None and p is not None and c.dtype == p.dtype and c.device == p.device and torch.equal(c, p))
+        for c, p in zip(copies, params, strict=True)
+    )
+
+
 def _reversal(lengths: Tensor, steps: int) -> Tensor:
     """Gather index (T, B) reversing each row within its own length, padding left in place.
 
@@ -227,7 +260,7 @@ def _run_stack(module, rule, x: Tensor, state0: tuple[Tensor, ...], lengths: Ten
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(num_directions):
-            weights = rule.weights(*_layer_weights(module, layer, direction))
+            weights = _rule_weights(module, rule, _layer_weights(module, layer, direction), (layer, direction))
             index = layer * num_directions + direction
             # The reverse direction runs forward in time over the reversed sequence.
             seq = _reverse(layer_input, reversal) if direction else layer_input
@@ -353,7 +386,8 @@ def cell_forward(module: nn.Module, input: Tensor, hx=None):
             _check_input(module, s, name)
     input, *state0 = _guard_inputs(module, (input, *state0))
     rule = entry.rule(module)
-    weights = rule.weights(*_detached(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh))
+    weights = _rule_weights(module, rule, _detached(module.weight_ih, module.weight_hh, module.bias_ih,
+                                                    module.bias_hh), "cell")
     _, *final = _apply_rule(module, rule, weights, None, input.unsqueeze(0), *state0)
     return _as_hx(entry, _guard_outputs(module, tuple(final)))
 
