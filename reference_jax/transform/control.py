@@ -8,8 +8,8 @@
   (reverse-mode autodiff, which the multipliers are, cannot go through a ``while_loop``).
 * ``cond``: the branch index must be the same in both halves (checked), then ``lax.switch``
   over the interpreted branches.
-* ``jit`` / ``pjit`` / ``closed_call`` / ``core_call`` / ``remat`` / ``custom_jvp_call`` /
-  ``custom_vjp_call``: the inner (primal) jaxpr, inline.
+* ``jit`` / ``pjit`` / ``closed_call`` / ``core_call`` / ``remat2`` (``jax.checkpoint``) /
+  ``custom_jvp_call`` / ``custom_vjp_call``: the inner (primal) jaxpr, inline.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def inner_call(interpret, eqn, vals: list[Val]) -> list[Val]:
 #: call-like primitive names -> rule
 CALLS: dict[str, Callable] = {
     name: inner_call
-    for name in ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+    # remat2: jax.checkpoint's primitive on jax 0.10 and 0.12 alike ("remat" / "checkpoint" are older names)
+    for name in ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2", "custom_jvp_call",
                  "custom_vjp_call", "custom_vjp_call_jaxpr")
 }
 CALLS.update(scan=scan_rule, cond=cond_rule)
