@@ -28,11 +28,12 @@ Modules, one per concept:
 * :mod:`reference_jax.transform` — ``deeplift(fn)`` / ``deep_shap``: DeepLIFT of any JAX
   function of one pytree, as a function transformation (docs/jax-deeplift.md).
 
-Numerical notes (details in :func:`reference_jax.rescale.rescale_threshold`):
+Numerical notes (details in :func:`reference_jax.rescale.rescale`):
 
-* Rescale uses a cancellation-free closed form where ``|Δz| > τ = (24 eps)^(1/3)``, else
-  its expansion about the midpoint, ``φ'(m) + φ'''(m) Δz²/24``; relu, piecewise linear,
-  uses the quotient for every ``Δz ≠ 0`` (threshold 0).
+* Rescale of sigmoid and tanh uses one cancellation-free closed form each,
+  ``σ(hi) σ(−lo) (1 − e^{−d})/d`` (:func:`reference_jax.rescale.sigmoid_quotient`; tanh by
+  ``tanh z = 2σ(2z) − 1``), accurate to a few ulps for every ``Δz`` with no threshold; relu,
+  piecewise linear, uses the quotient of its values for every ``Δz ≠ 0``.
 * Tables are built per hidden unit (``vmap`` over ``k``) from the forward values of the
   cell function itself, so their rows sum to the very Δ that function reports.
 * The exported ``batched_*`` functions are ``jit``-compiled without LLVM optimisation

@@ -265,6 +265,26 @@ def test_fixed_trip_count_while_and_same_branch_cond():
     assert attribution_error(f, x, r) <= TOL
 
 
+def test_checkpoint_custom_vjp_and_fori_loop_use_their_inner_jaxprs():
+    """``jax.checkpoint`` (primitive ``remat2``), a ``custom_vjp`` closing over a constant and a
+    ``fori_loop`` (a scan with a consts group, jax 0.12's ``ft_in``): their primal jaxprs."""
+    w = jnp.array([0.5, -0.3, 1.2])
+
+    @jax.custom_vjp
+    def scaled_tanh(v):
+        return jnp.tanh(v) * w
+
+    scaled_tanh.defvjp(lambda v: (scaled_tanh(v), v), lambda v, g: (g * w / jnp.cosh(v) ** 2,))
+
+    def f(x):
+        h = jax.checkpoint(lambda v: jnp.exp(v) * w)(x)
+        h = jax.lax.fori_loop(0, 3, lambda i, s: jnp.tanh(s * w + x), h)
+        return jnp.sum(scaled_tanh(h))
+
+    x, r = jnp.array([0.3, -1.2, 2.0]), jnp.array([0.1, 0.4, -0.5])
+    assert attribution_error(f, x, r) <= TOL
+
+
 def test_float32_inputs_sum_to_delta_at_float32_rounding():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((6, 3)).astype(np.float32)
@@ -391,7 +411,7 @@ def test_bad_arguments_are_named():
 def test_covered_primitives_names_the_rules():
     names = set(covered_primitives())
     for name in ("dot_general", "tanh", "logistic", "exp", "log", "max", "mul", "div", "scan", "while",
-                 "cond", "jit", "custom_jvp_call", "custom_vjp_call", "erf", "integer_pow", "reduce_max"):
+                 "cond", "jit", "remat2", "custom_jvp_call", "custom_vjp_call", "erf", "integer_pow", "reduce_max"):
         assert name in names
 
 

@@ -1,7 +1,8 @@
-"""The transformation's Rescale factors of sigmoid and tanh (``rescale.sigmoid_quotient`` /
-``tanh_quotient``, cheaper closed forms than ``rescale.rescale``'s) against the exact quotient
-of the float inputs at 100 digits, on the oracle's grid (tests/test_oracle_rescale.py) and at
-its extremes, and against ``rescale.rescale`` itself."""
+"""The Rescale factors of sigmoid and tanh (``rescale.sigmoid_quotient`` / ``tanh_quotient``,
+the one definition used by the transformation, ``rescale.rescale`` and the ops) against the
+exact quotient of the float inputs at 100 digits, on the oracle's grid
+(tests/test_oracle_rescale.py) and at its extremes, and against what ``rescale.rescale``
+returns."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ MID = np.array([-30.0, -4.0, -0.7, 0.0, 1e-7, 0.3, 2.5, 19.0])
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
 def test_quotient_is_within_a_few_ulps_of_the_exact_one(name):
-    """Cancellation-free everywhere: a relative bound of 16 ulps on every point (the oracle's
-    ``rescale`` is allowed ``eps·|φ|/|Δz|`` above its threshold; this form needs no such slack)."""
+    """Cancellation-free everywhere: a relative bound of 16 ulps on every point (the bound of
+    tests/test_oracle_rescale.py allows a plain quotient's ``eps·|φ|/|Δz|``; this needs none)."""
     import mpmath as mp
     mp.mp.dps = 100
     dz, mid = np.meshgrid(DZ, MID)
@@ -43,7 +44,7 @@ def test_quotient_is_within_a_few_ulps_of_the_exact_one(name):
         a, b = mp.mpf(float(za)), mp.mpf(float(zr))
         exact = dphi(a) if a == b else (phi(a) - phi(b)) / (a - b)
         assert abs(mp.mpf(float(r)) - exact) <= 16 * EPS * abs(exact), (name, za, zr, float(r), float(exact))
-    # and it is the oracle's factor to the oracle's own accuracy
+    # and it is what the oracle's rescale returns
     want = np.asarray(_rescale(name, z_a, z_r))
     np.testing.assert_allclose(got, want, rtol=2e-11, atol=0)
 

@@ -46,8 +46,9 @@ def test_threshold_values():
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
 def test_rescale_matches_high_precision_quotient(name):
-    """R against the exact quotient of the float inputs (100 digits). Bound: the rounding
-    of φ(z_a), φ(z_r) over |Δz| in the quotient branch; a few ulps of R below τ."""
+    """R against the exact quotient of the float inputs (100 digits). Bound: what a plain
+    quotient's rounding of φ(z_a), φ(z_r) over |Δz| would allow above τ; a few ulps of R below
+    τ (R's closed form is within a few ulps everywhere: tests/test_jax_deeplift_rescale.py)."""
     import mpmath as mp
     mp.mp.dps = 100  # Δφ of saturated φ at tiny Δz cancels ~60 digits
     z_a, z_r = _grid()
@@ -80,8 +81,8 @@ def test_rescale_times_dz_is_the_output_difference(name):
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
 def test_rescale_is_continuous_across_the_threshold(name):
-    """Just above τ the quotient carries its rounding error eps·|φ| / (|φ'| τ) (large
-    where φ saturates); just below, the midpoint expansion is accurate to a few ulps."""
+    """No jump at τ: within a plain quotient's rounding error eps·|φ| / (|φ'| τ) (large where
+    φ saturates) across it (R's closed form has no branch there at all)."""
     tau = rj.rescale_threshold(name, np.float64)
     mid = np.array([-3.0, -0.5, 0.0, 0.2, 1.5])
     below = np.asarray(_rescale(name, mid + tau * (1 - 1e-6) / 2, mid - tau * (1 - 1e-6) / 2))
@@ -116,7 +117,7 @@ def test_rescale_float32_and_extremes_are_finite():
         assert r.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(r)))
         r64 = _rescale(name, z_a.astype(np.float64) * 1e300, -z_r.astype(np.float64) * 1e300)
         assert np.all(np.isfinite(np.asarray(r64)))
-    # the float32 threshold is ~1.4e-2; 1e-3 < τ there takes the midpoint branch
+    # float32 at Δz = 2e-3, below the float32 threshold (~1.4e-2) of a plain quotient
     np.testing.assert_allclose(float(_rescale("tanh", z_a, z_r)[1]), 1.0, atol=1e-6)
 
 

@@ -35,7 +35,8 @@ Accuracy for tiny ``Δ``: no quotient is formed from two rounded function values
 cancel. Each Rescale factor has a cancellation-free closed form (``sqrt``:
 ``1/(√a + √r)``; ``exp``: ``e^r expm1(Δ)/Δ``; ``log``: ``log1p(Δ/r)/Δ``; ``x·g(x)``
 functions through the product identity ``(a g_a − r g_r)/Δ = mean(g) + mean(x)·Δg/Δ``;
-sigmoid / tanh through :func:`reference_jax.rescale.rescale`) or, for the Gaussian CDF of
+sigmoid / tanh through :func:`reference_jax.rescale.rescale`, i.e.
+:func:`~reference_jax.rescale.sigmoid_quotient` / ``tanh_quotient``) or, for the Gaussian CDF of
 gelu, a midpoint series for small ``Δ``.
 
 :data:`OP_RULES` maps each op name to its rule, :data:`OP_FORWARDS` to its forward ``f``;

@@ -8,8 +8,8 @@
   (reverse-mode autodiff, which the multipliers are, cannot go through a ``while_loop``).
 * ``cond``: the branch index must be the same in both halves (checked), then ``lax.switch``
   over the interpreted branches.
-* ``jit`` / ``pjit`` / ``closed_call`` / ``core_call`` / ``remat`` / ``custom_jvp_call`` /
-  ``custom_vjp_call``: the inner (primal) jaxpr, inline.
+* ``jit`` / ``pjit`` / ``closed_call`` / ``core_call`` / ``remat2`` (``jax.checkpoint``) /
+  ``custom_jvp_call`` / ``custom_vjp_call``: the inner (primal) jaxpr, inline.
 """
 
 from __future__ import annotations
@@ -75,9 +75,26 @@ def _scan(interpret, body, consts: list[Val], carry: list[Val], xs: list[Val], f
     return unflatten(carry_out, flags) + unflatten(ys, y_flags)
 
 
+def _scan_counts(params) -> tuple[int, int]:
+    """``(n_consts, n_carry)`` of a ``scan`` equation, whose operands are consts, then carry,
+    then xs.
+
+    jax 0.10 states the counts as ``num_consts`` / ``num_carry``. jax 0.12 replaced both by
+    ``ft_in``, a flat tree (``FTTuple``) of the operands grouped as ``(consts, carry, xs)``:
+    ``len`` and indexing of ``ft_in`` itself count leaves, so the counts are the lengths of
+    its three groups (``unpack()``, as jax's own ``_scan_impl`` reads them). Its ``ft_out``
+    (carry, then the ys the body returns; ys that only forward an xs are pruned from the
+    equation and the body alike) is not needed: the equation's outputs are the body's.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
 def scan_rule(interpret, eqn, vals: list[Val]) -> list[Val]:
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = _scan_counts(p)
     consts, carry, xs = vals[:n_consts], vals[n_consts : n_consts + n_carry], vals[n_consts + n_carry :]
     x_slices = [Val(jnp.zeros(v.aval.shape[1:], v.aval.dtype)) for v in eqn.invars[n_consts + n_carry :]]
     x_slices = [promote(s, x.varying) for s, x in zip(x_slices, xs, strict=True)]
@@ -159,7 +176,8 @@ def inner_call(interpret, eqn, vals: list[Val]) -> list[Val]:
 #: call-like primitive names -> rule
 CALLS: dict[str, Callable] = {
     name: inner_call
-    for name in ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+    # remat2: jax.checkpoint's primitive on jax 0.10 and 0.12 alike ("remat" / "checkpoint" are older names)
+    for name in ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2", "custom_jvp_call",
                  "custom_vjp_call", "custom_vjp_call_jaxpr")
 }
 CALLS.update(scan=scan_rule, cond=cond_rule)

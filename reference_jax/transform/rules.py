@@ -5,9 +5,9 @@ rule's multipliers (the same factor for both halves, so both halves keep equal m
 Each rule comes from the one place it is written in :mod:`reference_jax`:
 
 * Rescale of unary elementwise primitives: :func:`reference_jax.ops.unary_rescale_factor`
-  (sigmoid / tanh by :func:`reference_jax.rescale.sigmoid_quotient` / ``tanh_quotient``: the
-  factor of ``rescale.rescale`` to rounding, in three exponentials instead of ~15
-  transcendentals); a binary primitive with one
+  (sigmoid / tanh by :func:`reference_jax.rescale.sigmoid_quotient` / ``tanh_quotient``, the
+  one definition of those factors, which ``rescale.rescale`` also returns); a binary primitive
+  with one
   constant operand is a unary function of the other: its partial quotient from
   :func:`reference_jax.ops.binary_quotients` at equal halves of the constant.
 * Two varying operands of an elementwise binary: :func:`reference_jax.ops.binary_quotients`.
@@ -167,7 +167,7 @@ def clamp_factor(a, r, lo, hi):
 
 #: primitive name -> ``eqn -> factor(a, r)`` for unary elementwise primitives (Rescale).
 UNARY_FACTORS: dict[str, Callable] = {
-    # the same factors as ops' sigmoid / tanh (rescale.rescale) to rounding, from cheaper closed forms
+    # the one definition of sigmoid's / tanh's factor (rescale.rescale and ops' sigmoid / tanh return it too)
     "logistic": lambda eqn: sigmoid_quotient,
     "tanh": lambda eqn: tanh_quotient,
     "exp": lambda eqn: _unary("exp"),

@@ -73,7 +73,7 @@ TESTED: dict[str, TestedRange] = {
     "shap": TestedRange("shap", "0.49.1", "0.54.1", "0.55"),
     "captum": TestedRange("captum", "0.9.0", "0.9.0", "0.10"),
     "tangermeme": TestedRange("tangermeme", "1.6.0", "1.6.0", "1.7"),
-    "jax": TestedRange("jax", "0.10.2", "0.10.2", "0.13"),
+    "jax": TestedRange("jax", "0.10.2", "0.12.1", "0.13"),
 }
 
 EXTRAS = {"shap": "shap", "captum": "captum", "tangermeme": "tangermeme", "jax": "jax"}

@@ -73,7 +73,8 @@ def rescale_sigmoid(z_a: Tensor, z_r: Tensor) -> Tensor:
     without overflow, and ``−expm1(−d)/d → 1`` as ``d → 0`` gives ``σ'(z)`` in the limit
     (``d`` is clamped to the smallest normal number, where the ratio is exactly 1, so
     ``d = 0`` needs no special case). This is why no midpoint-derivative threshold is needed
-    here (the JAX oracle uses a threshold and other closed forms; the two agree to rounding).
+    here (the JAX oracle, ``reference_jax.rescale.sigmoid_quotient``, uses the same identity
+    with a series for ``(1 − e^{−d})/d``; the two agree to rounding).
     """
     return _rescale_sigmoid_scaled(z_a, z_r, 1.0)
 
