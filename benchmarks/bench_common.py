@@ -75,6 +75,12 @@ def _proc_status() -> dict[str, int]:
     return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), in bytes: its own, unlike ru_maxrss, which Linux
+    carries over fork and exec from the parent."""
+    return _proc_status()["VmHWM"]
+
+
 def peak_memory_rise(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """Peak memory rise in bytes of one call of ``fn`` (warm it up first), and how it was
     measured: on CUDA ``max_memory_allocated`` over what was allocated before; on the CPU the

@@ -21,7 +21,7 @@ Sections:
   ``DeepLiftShap`` calls inside ``deeplift_mode`` on the same pairs;
 * ``shap``: against ``shap.DeepExplainer`` with ``register()`` on the same inputs, references and
   outputs (demo 64 inputs x 32 references; classifier 8 x 32, all 5 outputs);
-* ``memory``: peak RSS (``ru_maxrss`` of a fresh process each) of ``deep_shap(..., out=...)`` over
+* ``memory``: peak RSS (VmHWM of a fresh process each) of ``deep_shap(..., out=...)`` over
   10^5 and 10^4 sequences generated lazily by a Dataset, and the time of the 10^5 run; the time
   for 10^6 sequences is extrapolated from it (x10) and, at the model's full T, from the
   throughput section. The 10^5 runs use T 5 (classifier) and T 20 (genomics) to stay modest.
@@ -33,7 +33,6 @@ load average is recorded with them.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -218,7 +217,7 @@ class Lazy(torch.utils.data.Dataset):
 
 def child(name: str, n: int, steps: int, out: str) -> None:
     """Runs in a fresh process: deep_shap(out=...) over ``n`` lazy sequences; prints JSON with
-    the process's peak RSS (ru_maxrss) and the rise of its high-water mark during the run, after
+    the process's peak RSS (VmHWM) and the rise of its high-water mark during the run, after
     a two-row warm-up call has loaded everything loaded once per process (the compiled loops,
     the op rules, shap's modules: about 300 MiB, the same for every run)."""
     import torch_handler
@@ -233,8 +232,9 @@ def child(name: str, n: int, steps: int, out: str) -> None:
         lambda: torch_handler.deep_shap(model, Lazy(name, n, steps), references, target=0, out=out,
                                         progress=False), torch.device("cpu"))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rise_bytes": rise,
-                      "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a parent
+    # that had grown large (the throughput section) would report the parent's peak.
+    print(json.dumps({"seconds": seconds, "rise_bytes": rise, "maxrss_bytes": common.peak_rss_bytes()}))
 
 
 def memory(quick: bool, throughput_rows: list[dict]) -> list[dict]:
