@@ -34,6 +34,10 @@ CASES = [
     ("RNN", {}, 40, 6, 7, 20, 2),
     ("RNN", {"nonlinearity": "relu"}, 33, 40, 5, 128, 1),
     ("GRU", {}, 16, 2, 3, 8, 2),  # below one tile column block, the shortest fused sequence, one pair
+    # shap's layout (the actual half one row repeated): the forward runs on the distinct rows
+    # (row_layout.py), the fused backward on every row's buffers
+    ("LSTM", {"_repeat": True}, 20, 40, 5, 24, 2),
+    ("GRU", {"_repeat": True}, 17, 40, 5, 24, 1),
 ]
 READS = ("sequence", "final_state", "both")
 
@@ -45,8 +49,16 @@ CHILD = textwrap.dedent(
     import torch_handler
     from torch_handler.recurrent import fused_loops
 
-    calls = {"forward": 0, "backward_chunk": 0}
-    for name in calls:
+    from torch_handler.recurrent import row_layout
+
+    calls = {"forward": 0, "backward_chunk": 0, "layouts": 0}
+    detect = row_layout.detect
+    def counted_detect(*a):
+        layout = detect(*a)
+        calls["layouts"] += layout is not None
+        return layout
+    row_layout.detect = counted_detect
+    for name in ("forward", "backward_chunk"):
         original = getattr(fused_loops, name)
         def counted(*a, _name=name, _original=original, **k):
             calls[_name] += 1
@@ -71,8 +83,11 @@ CHILD = textwrap.dedent(
     results = []
     for cell, kwargs, T, B, F, H, layers, read in json.loads(sys.argv[1]):
         torch.manual_seed(T * 1000 + B + H)
-        module = getattr(nn, cell)(F, H, num_layers=layers, **kwargs)
+        repeat = kwargs.get("_repeat", False)
+        module = getattr(nn, cell)(F, H, num_layers=layers, **{k: v for k, v in kwargs.items() if k != "_repeat"})
         x = torch.randn(T, B, F)
+        if repeat:
+            x[:, : B // 2] = x[:, :1].clone()
         before = dict(calls)
         g_fused, rows_fused = explain(module, x, read, True)
         used = {k: calls[k] - before[k] for k in calls}
@@ -118,6 +133,8 @@ def test_fused_loops_match_the_eager_rule(interpreted_results, case, read):
     # Every layer and direction ran the fused forward, and backward in at least one chunk each.
     assert result["used"]["forward"] == layers * directions
     assert result["used"]["backward_chunk"] >= layers * directions
+    # shap's layout: every layer's forward ran on the distinct rows (none repeat elsewhere)
+    assert result["used"]["layouts"] == (layers * directions if kwargs.get("_repeat") else 0)
     bar = tolerance_for(torch.float32)
     assert result["grad_diff"] <= bar, result
     assert result["out_diff"] <= bar, result
