@@ -54,6 +54,7 @@ class RowLayout:
 # (an engine explains batch after batch of the same layout).
 _LAYOUTS: dict = {}
 _MAX_CACHED = 64
+_MISSING = object()
 
 
 def detect(x: Tensor, states: tuple[Tensor, ...]) -> RowLayout | None:
@@ -70,9 +71,8 @@ def detect(x: Tensor, states: tuple[Tensor, ...]) -> RowLayout | None:
     if patterns == (("rows", N), ("rows", N)):
         return None
     key = (B, patterns, x.device)
-    if key in _LAYOUTS:
-        layout = _LAYOUTS[key]
-    else:
+    layout = _LAYOUTS.get(key, _MISSING)  # one lookup: another thread may clear the cache
+    if layout is _MISSING:
         layout = _build(N, patterns, x.device)
         if len(_LAYOUTS) >= _MAX_CACHED:
             _LAYOUTS.clear()
