@@ -16,9 +16,10 @@ from torch_handler.recurrent.fused_loops import ENV
 MAX_WEIGHT_BYTES = 1 << 20
 
 
-# Operands per row the factor kernels can read from a cache (see step_factors): LSTM the four
-# gates and 2c', GRU r and z, RNN (tanh) 2 pre.
-_OPERAND_SLOTS = {"LSTM": 5, "GRU": 2, "RNN": 1}
+# The operands per row the factor kernels can read from a cache (see step_factors), and the
+# forward buffers the operands kernel reads them from: LSTM the four gates (Z) and 2c' (C),
+# GRU r and z (GX), RNN with tanh 2 pre (PRE; relu has no exponentials).
+_OPERANDS = {"LSTM": (5, (0, 1)), "GRU": (2, (0,)), "RNN": (1, (0,))}
 
 MAX_ROWS = 64
 """The compiled loops serve a layer whose recurrent weights take at most MAX_WEIGHT_BYTES (an
@@ -103,11 +104,10 @@ def step_factors(rule, weights, buffers, state0, t0: int, t1: int, rows: Tensor)
     N, R, threads = rows.shape[0] // 2, buffers[0].shape[1], torch.get_num_threads()
     library, suffix = cpu_loops.library(), _SUFFIX[buffers[0].dtype]
     ops = None
-    slots = _OPERAND_SLOTS[rule.name] if rule.name != "RNN" or rule.nonlinearity != "relu" else 0
-    if R < 2 * N and slots:
+    if R < 2 * N and getattr(rule, "nonlinearity", None) != "relu":
+        slots, sources = _OPERANDS[rule.name]
         ops = buffers[0].new_empty(tau, R, slots, 2, H)
         operands = getattr(library, f"{_KIND[rule.name]}_operands_{suffix}")
-        sources = {"LSTM": (0, 1), "GRU": (0,), "RNN": (0,)}[rule.name]  # the buffers each reads
         operands(threads, tau, R, H, *(buffers[k][t0].data_ptr() for k in sources), ops.data_ptr())
     row_map = (rows.data_ptr(), R, None if ops is None else ops.data_ptr())
     kernel = getattr(library, f"{_KIND[rule.name]}_factors_{suffix}")

@@ -97,10 +97,8 @@ class _FiniteMultipliers(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        present = [g for g in grads if g is not None]
-        if present and not bool(torch.isfinite(sum(g.sum() for g in present))):  # one test first
-            if not all(all_finite(g) for g in present):
-                raise NonFiniteError(ctx.message)
+        if not all_finite(*(g for g in grads if g is not None)):
+            raise NonFiniteError(ctx.message)
         return (None, *grads)
 
 
