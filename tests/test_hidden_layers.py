@@ -21,7 +21,8 @@ from torch_handler import UnsupportedConfigurationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-_OP = {nn.LSTM: "aten::lstm", nn.GRU: "aten::gru", nn.RNN: "aten::rnn_tanh", nn.LSTMCell: "(aten::lstm_cell, )?nn.LSTMCell",
+_OP = {nn.LSTM: "aten::lstm", nn.GRU: "aten::gru", nn.RNN: "aten::rnn_tanh",
+       nn.LSTMCell: "(aten::lstm_cell, )?nn.LSTMCell",
        nn.GRUCell: "(aten::gru_cell, )?nn.GRUCell", nn.RNNCell: "(aten::rnn_tanh_cell, )?nn.RNNCell"}
 
 

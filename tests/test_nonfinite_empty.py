@@ -177,8 +177,9 @@ def test_an_empty_batch_through_captum_says_so(engine):
     torch.manual_seed(0)
     model = Model(LAYERS["LSTM"]()).eval()
     before = model_state(model)
+    background = torch.zeros(0, 3, 5) if engine == "DeepLift" else torch.zeros(2, 3, 5)
     with pytest.raises(ValueError, match=r"LSTM received an empty batch \(0 rows\).*Skip empty batches"):
-        ENGINES[engine](model, torch.zeros(0, 3, 5), torch.zeros(0, 3, 5) if engine == "DeepLift" else torch.zeros(2, 3, 5))
+        ENGINES[engine](model, torch.zeros(0, 3, 5), background)
     assert model_state(model) == before
 
 

@@ -17,7 +17,6 @@ from torch import nn
 
 import torch_handler
 from torch_handler.recurrent import cpu_kernels, cpu_loops, row_layout
-from torch_handler.recurrent.function import _forward_loop
 from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
 RULES = {"LSTM": LSTMRule, "GRU": GRURule, "RNN": lambda: RNNRule("tanh"), "RNN-relu": lambda: RNNRule("relu")}

@@ -135,7 +135,8 @@ def test_a_mask_from_the_ids_that_differs_from_the_references_is_named():
         background, embedded = model.embedding(references), model.embedding(tokens)
     with pytest.warns(UnsupportedOpWarning, match=r"MaskedTokens uses the token ids besides the embedding"):
         explain(explained, background, embedded, check_additivity=False)
-    with torch_handler.deeplift_mode(explained, strict=True), pytest.raises(UnsupportedOpError, match=r"padded like it"):
+    with torch_handler.deeplift_mode(explained, strict=True), \
+            pytest.raises(UnsupportedOpError, match=r"padded like it"):
         DeepLift(explained).attribute(embedded, background[:1].expand_as(embedded), target=0)
 
 

@@ -89,8 +89,10 @@ def test_draws_are_reproducible_with_a_generator():
         (lambda x: padded_references(x, torch.tensor([3, 0, 5, 1]), n=2), r"lengths must lie in 1..7"),
         (lambda x: padded_references(x, LENGTHS[:3], n=2), r"lengths must have shape \(4,\)"),
         (lambda x: padded_references(x, LENGTHS, torch.randn(2, 5, 3, dtype=torch.float64)), r"at least as long"),
-        (lambda x: padded_references(x, LENGTHS, torch.randn(2, 7, 3, dtype=torch.float64), n=3), r"n must lie in 1..2"),
-        (lambda x: padded_references(x, LENGTHS, torch.randn(2, 7, 4, dtype=torch.float64)), r"laid out like the inputs"),
+        (lambda x: padded_references(x, LENGTHS, torch.randn(2, 7, 3, dtype=torch.float64), n=3),
+         r"n must lie in 1..2"),
+        (lambda x: padded_references(x, LENGTHS, torch.randn(2, 7, 4, dtype=torch.float64)),
+         r"laid out like the inputs"),
         (lambda x: padded_references(x, LENGTHS, n=2, time_dim=3), r"time_dim"),
     ],
 )
