@@ -38,6 +38,7 @@
  */
 #ifndef REAL
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -850,6 +851,210 @@ void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
 }
 
 #undef OVER_PAIRS
+
+/* ------------------------------------------------- the attention rule (float64 only) */
+
+#if MANTISSA == 52
+/* The scaled_dot_product_attention rule, the compiled twin of
+ * torch_handler/ops/rules/attention.py (read its docstring for the rule): scores
+ * S = scale q kᵀ + mask, the softmax rule (through log_softmax, as ops/rules/softmax.py) and the
+ * bilinear rule twice, for one block (one pair's head) at a time, one query row at a time.
+ *
+ * Why: issued as torch ops the rule is some thirty float64 passes over (blocks, L, S) tensors
+ * of a few MB each, every one allocated afresh; here a row's S scores stay in registers and
+ * the cache, and the Rescale factors of exp reuse the quotient of one_minus_exp_neg_over.
+ *
+ * Operands, float64, contiguous, halves first (0 actual, 1 reference): q and its multiplier mq
+ * (2, B, L, E); k, mk (2, B, S, E); v, mv (2, B, S, F); m (2, B, L, F) the output's multiplier;
+ * mask (L, S) additive (-inf where masked) or NULL. work: per thread, sdpa_work_f64 numbers. */
+int64_t NAME(sdpa_work)(int64_t L, int64_t S, int64_t E, int64_t F)
+{
+    return 4 * S + 3 * L * S + 2 * E * S + F * S + L * E + S * E;
+}
+
+static inline REAL NAME(rescale_log)(REAL a, REAL r)
+{
+    /* ops/rules/unary.py's _rescale_log: (log hi - log lo) / d above x = d / lo = 1, else
+     * log1p(x) / x / lo (1 / lo at x = 0). */
+    const REAL lo = a < r ? a : r, hi = a < r ? r : a, d = hi - lo, x = d / lo;
+    if (x > 1)
+        return (log(hi) - log(lo)) / d;
+    return (x == 0 ? 1 : log1p(x) / x) / lo;
+}
+
+/* R_exp(a, r) = (e^a - e^r) / (a - r) = e^hi (1 - e^-d) / d, d = |a - r|, from e_a = e^a and
+ * e_r = e^r: ops/rules/unary.py's _rescale_exp with e^-d = e^lo / e^hi (within 3 ulp, so
+ * 1 - e^-d within 11 ulp where d >= 1/4: no further exponential) and the Taylor series of
+ * one_minus_exp_neg_over below 1/4. 0 where e^hi is 0 (both at -inf, or below e^-708). */
+static inline NAME(vec) NAME(rescale_exp)(NAME(vec) a, NAME(vec) r, NAME(vec) e_a, NAME(vec) e_r)
+{
+    NAME(vec) d = a - r;
+    d = SELECT(d < 0, -d, d);
+    d = SELECT(d == d, d, SPLAT(0));
+    const NAME(ivec) a_hi = (NAME(ivec))(e_a > e_r);
+    const NAME(vec) hi = SELECT(a_hi, e_a, e_r), lo = SELECT(a_hi, e_r, e_a);
+    NAME(vec) p = SPLAT((REAL)1 / 6227020800);  /* 1/13!: the series of one_minus_exp_neg_over */
+    static const REAL inverse_factorials[12] = {
+        -(REAL)1 / 479001600, (REAL)1 / 39916800, -(REAL)1 / 3628800, (REAL)1 / 362880,
+        -(REAL)1 / 40320, (REAL)1 / 5040, -(REAL)1 / 720, (REAL)1 / 120, -(REAL)1 / 24, (REAL)1 / 6,
+        -(REAL)1 / 2, (REAL)1};
+    for (int k = 0; k < 12; ++k)
+        p = p * d + inverse_factorials[k];
+    const NAME(ivec) small = (NAME(ivec))(d < (REAL)0.25);
+    const NAME(ivec) zero = (NAME(ivec))(hi == 0);
+    const NAME(vec) safe_d = SELECT(small, SPLAT(1), d), safe_hi = SELECT(zero, SPLAT(1), hi);
+    return SELECT(zero, SPLAT(0), hi * SELECT(small, p, (1 - lo / safe_hi) / safe_d));
+}
+
+/* out[0:cols] = sum_t<n coef[t * step] mat[t * ld + 0:cols]: a row times a matrix, two vectors
+ * of columns at a time accumulated in registers (a sum through memory would wait on its own
+ * stores at every t), even and odd t apart (four independent chains of FMAs, not two). */
+static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef, int64_t n, int64_t step,
+                                   const REAL *restrict mat, int64_t ld, int64_t cols)
+{
+    for (int64_t c = 0; c < cols; c += 2 * VL) {
+        const int64_t n1 = cols - c < VL ? cols - c : VL, n2 = cols - c - VL < VL ? cols - c - VL : VL;
+        NAME(vec) acc1 = SPLAT(0), acc2 = SPLAT(0);
+        for (int64_t t = 0; t < n; ++t) {
+            const REAL w = coef[t * step];
+            acc1 += w * NAME(load)(mat + t * ld + c, n1);
+            if (n2 > 0)
+                acc2 += w * NAME(load)(mat + t * ld + c + VL, n2);
+        }
+        NAME(store)(out + c, acc1, n1);
+        if (n2 > 0)
+            NAME(store)(out + c + VL, acc2, n2);
+    }
+}
+
+static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL scale, const REAL *restrict q[2],
+                             const REAL *restrict k[2], const REAL *restrict v[2], const REAL *restrict m[2],
+                             const REAL *restrict mask, REAL *restrict mq[2], REAL *restrict mk[2],
+                             REAL *restrict mv[2], REAL *restrict work)
+{
+    REAL *z[2] = {work, work + S}, *e[2] = {work + 2 * S, work + 3 * S};
+    REAL *pbar = work + 4 * S;                               /* mean probabilities (L, S) */
+    REAL *mx[2] = {pbar + L * S, pbar + 2 * L * S};         /* the scores' multipliers (L, S) */
+    REAL *kt[2] = {pbar + 3 * L * S, pbar + 3 * L * S + E * S};  /* k transposed, (E, S) */
+    REAL *vbar_t = kt[1] + E * S;                            /* mean of v, transposed (F, S) */
+    REAL *qbar = vbar_t + F * S, *kbar = qbar + L * E;       /* means (L, E), (S, E) */
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < S; ++j)
+            for (int64_t c = 0; c < E; ++c)
+                kt[h][c * S + j] = k[h][j * E + c];
+    for (int64_t j = 0; j < S; ++j)
+        for (int64_t f = 0; f < F; ++f)
+            vbar_t[f * S + j] = (v[0][j * F + f] + v[1][j * F + f]) * 0.5;
+    for (int64_t t = 0; t < L * E; ++t)
+        qbar[t] = (q[0][t] + q[1][t]) * 0.5;
+    for (int64_t t = 0; t < S * E; ++t)
+        kbar[t] = (k[0][t] + k[1][t]) * 0.5;
+    for (int64_t i = 0; i < L; ++i) {
+        /* Scores of row i in both halves, and c = their max (common to the pair, so it cancels;
+         * 0 where the row is masked out), z = S - c, e = exp(z) (0 where z is -inf). */
+        REAL c = -INFINITY, sum[2], log_sum[2];
+        for (int64_t h = 0; h < 2; ++h) {
+            REAL *restrict s = z[h];
+            NAME(row_times)(s, q[h] + i * E, E, 1, kt[h], S, S);
+            for (int64_t j = 0; j < S; ++j) {
+                s[j] = s[j] * scale + (mask ? mask[i * S + j] : 0);
+                c = s[j] > c ? s[j] : c;
+            }
+        }
+        if (!(c > -INFINITY && c < INFINITY))
+            c = 0;
+        for (int64_t h = 0; h < 2; ++h) {
+            for (int64_t j = 0; j < S; j += VL) {
+                const int64_t n = S - j < VL ? S - j : VL;
+                const NAME(vec) x = NAME(load)(z[h] + j, n) - c;
+                NAME(store)(z[h] + j, x, n);
+                NAME(store)(e[h] + j, SELECT(x < -708, SPLAT(0), NAME(exp)(x)), n);
+            }
+            sum[h] = 0;
+            for (int64_t j = 0; j < S; ++j)
+                sum[h] += e[h][j];
+            log_sum[h] = log(sum[h]);
+        }
+        /* P = e / Σe; m_P = m mean(v)ᵀ per half (the bilinear rule of P @ v; m_v after the rows). */
+        REAL *restrict p_row = pbar + i * S;
+        for (int64_t j = 0; j < S; ++j)
+            p_row[j] = (e[0][j] / sum[0] + e[1][j] / sum[1]) * 0.5;
+        REAL *mp[2] = {mx[0] + i * S, mx[1] + i * S};
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(row_times)(mp[h], m[h] + i * F, F, 1, vbar_t, S, S);
+        /* The softmax rule through log_softmax (u = z - log Σe): m_u = m_P R_exp(u_a, u_r)
+         * (exp(u) = P), m_Σ = -Σ_j m_u R_log(Σ_a, Σ_r), m_S = m_u + m_Σ R_exp(z_a, z_r). */
+        const REAL r_log = NAME(rescale_log)(sum[0], sum[1]);
+        for (int64_t j = 0; j < S; j += VL) {
+            const int64_t n = S - j < VL ? S - j : VL;
+            const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
+            const NAME(vec) pa = NAME(load)(e[0] + j, n) / sum[0], pr = NAME(load)(e[1] + j, n) / sum[1];
+            const NAME(vec) r_u = NAME(rescale_exp)(za - log_sum[0], zr - log_sum[1], pa, pr);
+            for (int64_t h = 0; h < 2; ++h)
+                NAME(store)(mp[h] + j, NAME(load)(mp[h] + j, n) * r_u, n);
+        }
+        REAL m_sum[2];
+        for (int64_t h = 0; h < 2; ++h) {
+            REAL t = 0;
+            for (int64_t j = 0; j < S; ++j)
+                t += mp[h][j];
+            m_sum[h] = -t * r_log;
+        }
+        for (int64_t j = 0; j < S; j += VL) {
+            const int64_t n = S - j < VL ? S - j : VL;
+            const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
+            const NAME(vec) r_z = NAME(rescale_exp)(za, zr, NAME(load)(e[0] + j, n), NAME(load)(e[1] + j, n));
+            for (int64_t h = 0; h < 2; ++h)
+                NAME(store)(mp[h] + j, (NAME(load)(mp[h] + j, n) + m_sum[h] * r_z) * scale, n);
+        }
+        /* The bilinear rule of the scores, row i: m_q = (scale m_S) mean(k). */
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(row_times)(mq[h] + i * E, mp[h], S, 1, kbar, E, E);
+    }
+    /* Over every row: m_v = mean(P)ᵀ m and m_k = (scale m_S)ᵀ mean(q), a row of each per key. */
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < S; ++j) {
+            NAME(row_times)(mv[h] + j * F, pbar + j, L, S, m[h], F, F);
+            NAME(row_times)(mk[h] + j * E, mx[h] + j, L, S, qbar, E, E);
+        }
+}
+
+/* The blocks b0..b1-1 of sdpa_rule. */
+static void NAME(sdpa_blocks)(int64_t b0, int64_t b1, int64_t B, int64_t L, int64_t S, int64_t E, int64_t F,
+                              REAL scale, const REAL *q, const REAL *k, const REAL *v, const REAL *m,
+                              const REAL *mask, REAL *mq, REAL *mk, REAL *mv, REAL *work)
+{
+    for (int64_t b = b0; b < b1; ++b) {
+        const REAL *qb[2] = {q + b * L * E, q + (B + b) * L * E}, *kb[2] = {k + b * S * E, k + (B + b) * S * E};
+        const REAL *vb[2] = {v + b * S * F, v + (B + b) * S * F}, *mb[2] = {m + b * L * F, m + (B + b) * L * F};
+        REAL *mqb[2] = {mq + b * L * E, mq + (B + b) * L * E}, *mkb[2] = {mk + b * S * E, mk + (B + b) * S * E};
+        REAL *mvb[2] = {mv + b * S * F, mv + (B + b) * S * F};
+        NAME(sdpa_block)(L, S, E, F, scale, qb, kb, vb, mb, mask, mqb, mkb, mvb, work);
+    }
+}
+
+/* Entry point: every block, split over `threads` OpenMP threads; work holds threads times
+ * sdpa_work numbers (each thread its own). */
+void NAME(sdpa_rule)(int64_t threads, int64_t B, int64_t L, int64_t S, int64_t E, int64_t F, REAL scale,
+                     const REAL *q, const REAL *k, const REAL *v, const REAL *m, const REAL *mask, REAL *mq,
+                     REAL *mk, REAL *mv, REAL *work)
+{
+    const int64_t w = NAME(sdpa_work)(L, S, E, F);
+#ifdef _OPENMP
+    const int team = (int)(threads < B ? threads : B);
+    _Pragma("omp parallel num_threads(team)")
+    {
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        NAME(sdpa_blocks)(B * t / n, B * (t + 1) / n, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv,
+                          work + t * w);
+    }
+#else
+    (void)threads;
+    (void)w;
+    NAME(sdpa_blocks)(0, B, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv, work);
+#endif
+}
+#endif /* MANTISSA == 52 */
 
 #undef VL
 #undef SPLAT

@@ -430,7 +430,7 @@ def _compile_and_publish(build: _Build, cc: list[str], path: Path, key: str) -> 
     try:
         result = None
         for optional in _OPTIONAL_FLAGS:
-            command = [cc[0], *_FLAGS, *optional, *cc[1:], "-o", temp, str(SOURCE.resolve())]
+            command = [cc[0], *_FLAGS, *optional, *cc[1:], "-o", temp, str(SOURCE.resolve()), "-lm"]
             result = _run(build, command)
             if result.returncode == 0:
                 break
@@ -582,6 +582,10 @@ def _declare(library: ctypes.CDLL) -> None:
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad + [i64],
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
+    # The attention rule's kernel (float64 only; torch_handler/ops/rules/attention.py).
+    library.sdpa_work_f64.argtypes, library.sdpa_work_f64.restype = [i64] * 4, i64
+    library.sdpa_rule_f64.argtypes = [i64] * 6 + [ctypes.c_double] + [ptr] * 9
+    library.sdpa_rule_f64.restype = None
     for suffix in _SUFFIX.values():
         for name, argtypes in signatures.items():
             function = getattr(library, f"{name}_{suffix}")

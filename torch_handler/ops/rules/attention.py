@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -10,6 +11,8 @@ from torch import Tensor
 from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, _reduce_to
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
+from torch_handler.recurrent import cpu_loops
+from torch_handler.recurrent.fused_loops import ENV
 
 
 def scaled_dot_product_attention(
@@ -45,6 +48,10 @@ def scaled_dot_product_attention(
         else:
             additive = additive + _f64(attn_mask)
 
+    compiled = _compiled_rule(m, actual, reference, additive, scale)
+    if compiled is not None:
+        return compiled
+
     def scores(q, k):
         ndim = max(q.ndim, k.ndim)
         s = torch.matmul(_pad_after_pair(q, ndim), _pad_after_pair(k, ndim).transpose(-1, -2)).mul_(scale)
@@ -65,3 +72,53 @@ def scaled_dot_product_attention(
         _reduce_to(m_kt.transpose(-1, -2), k_a.shape).to(k_a.dtype),
         _reduce_to(m_v, v_a.shape).to(v_a.dtype),
     )
+
+
+def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale: float) -> Multipliers | None:
+    """The same rule in one call of the compiled CPU library (``sdpa_rule_f64`` in
+    ``torch_handler/recurrent/cpu_kernels.c``, float64 throughout), or None where it does not
+    serve: not on the CPU, the library not loaded yet (its first use starts the build, see
+    :mod:`torch_handler.recurrent.cpu_loops`), ``LSTM_DEEPSHAP_FUSED=0``, an empty operand, or
+    a mask that differs between heads or pairs.
+
+    Why: in torch the rule is some thirty float64 passes over (pairs, heads, L, S) tensors, each
+    a fresh allocation of a few MB; the kernel keeps one query row's scores in the cache. It
+    evaluates the same formulas (sums in another order, exp by the library's polynomial), so the
+    two agree to rounding: ``tests/test_attention_kernel.py``.
+    """
+    (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
+    if q_a.device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not cpu_loops._compiled():
+        return None
+    library = cpu_loops.library()
+    N, (L, E), (S, F) = q_a.shape[0], q_a.shape[-2:], v_a.shape[-2:]
+    if min(N, L, E, S, F) == 0:
+        return None
+    batch = torch.broadcast_shapes(q_a.shape[1:-2], k_a.shape[1:-2], v_a.shape[1:-2])
+    mask = None
+    if additive is not None:
+        if math.prod(additive.shape[:-2]) != 1:
+            return None
+        mask = additive.reshape(additive.shape[-2:]).expand(L, S).contiguous()
+    B = N * math.prod(batch)
+    ndim = 1 + len(batch) + 2
+
+    def halves(a: Tensor, r: Tensor) -> Tensor:
+        """(2, B, rows, cols) float64, contiguous: both halves with the batch axes broadcast."""
+        shape = (N, *batch, *a.shape[-2:])
+        both = torch.stack((_pad_after_pair(a, ndim).expand(shape), _pad_after_pair(r, ndim).expand(shape)))
+        return both.to(torch.float64).reshape(2, B, *a.shape[-2:]).contiguous()
+
+    q, k, v = halves(q_a, q_r), halves(k_a, k_r), halves(v_a, v_r)
+    m64 = _f64(m).reshape(2, B, L, F).contiguous()
+    m_q, m_k, m_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    threads = torch.get_num_threads()
+    work = q.new_empty(threads * library.sdpa_work_f64(L, S, E, F))
+    # Every tensor whose address the kernel gets is held by a name until it returns.
+    library.sdpa_rule_f64(threads, B, L, S, E, F, float(scale), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                          m64.data_ptr(), None if mask is None else mask.data_ptr(), m_q.data_ptr(),
+                          m_k.data_ptr(), m_v.data_ptr(), work.data_ptr())
+
+    def back(mult: Tensor, like: Tensor) -> Tensor:
+        return _reduce_to(mult.reshape(2, N, *batch, *mult.shape[-2:]), like.shape).to(like.dtype)
+
+    return back(m_q, q_a), back(m_k, k_a), back(m_v, v_a)

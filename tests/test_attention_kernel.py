@@ -1,0 +1,175 @@
+"""The compiled attention rule (``sdpa_rule_f64`` in torch_handler/recurrent/cpu_kernels.c, called
+by torch_handler/ops/rules/attention.py) against the same rule in torch ops.
+
+The kernel evaluates the rule's formulas in float64 in another order (sums per query row, the
+Rescale factor of exp from the exponentials it already has), so the two agree to float64
+rounding: element-wise here for masks (boolean, additive, causal), broadcast batch axes, a custom
+scale, both dtypes, one thread and two, scores that are equal in both halves and scores that
+differ by hundreds; and whole explanations of a model with nn.MultiheadAttention match
+``LSTM_DEEPSHAP_FUSED=0`` (the torch path) in shap and Captum and keep additivity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torch_handler
+from torch_handler.additivity import tolerance_for
+from torch_handler.ops.rules import attention
+from torch_handler.recurrent import cpu_loops
+from torch_handler.recurrent.fused_loops import ENV
+
+FLOAT64_BAR = 1e-13  # max |kernel - torch| relative to the multipliers' scale, float64 operands
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded():
+    assert cpu_loops.load(timeout=300), (
+        "the CPU library did not compile: these tests need a C compiler (cc, gcc or clang; $CC)")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def both_paths(monkeypatch, m, actual, reference, **params):
+    """(compiled, torch) multipliers of the rule for the same call."""
+    monkeypatch.delenv(ENV, raising=False)
+    compiled = attention._compiled_rule(m, actual, reference, *_mask_and_scale(actual, **params))
+    assert compiled is not None, "the compiled rule should serve this call"
+    served = attention.scaled_dot_product_attention(m, actual, reference, **params)
+    monkeypatch.setenv(ENV, "0")
+    plain = attention.scaled_dot_product_attention(m, actual, reference, **params)
+    monkeypatch.delenv(ENV)
+    for a, b in zip(served, compiled, strict=True):
+        assert torch.equal(a, b)  # the rule's own call took the compiled path
+    return compiled, plain
+
+
+def _mask_and_scale(actual, attn_mask=None, is_causal=False, scale=None):
+    q = actual[0]
+    L, S = q.shape[-2], actual[1].shape[-2]
+    additive = None
+    if is_causal or attn_mask is not None:
+        additive = torch.zeros(L, S, dtype=torch.float64)
+    if is_causal:
+        additive = additive.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            additive = additive + torch.zeros_like(attn_mask, dtype=torch.float64).masked_fill(~attn_mask, -math.inf)
+        else:
+            additive = additive + attn_mask.to(torch.float64)
+    return additive, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def operands(q_shape, k_shape, v_shape, dtype, spread=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda s: torch.randn(*s, generator=g, dtype=dtype) * spread  # noqa: E731
+    actual, reference = (make(q_shape), make(k_shape), make(v_shape)), (make(q_shape), make(k_shape), make(v_shape))
+    batch = torch.broadcast_shapes(q_shape[1:-2], k_shape[1:-2], v_shape[1:-2])  # per pair, after the pair axis
+    m = torch.randn(2, q_shape[0], *batch, q_shape[-2], v_shape[-1], generator=g, dtype=dtype)
+    return m, actual, reference
+
+
+CASES = {
+    "heads": ((5, 4, 7, 8), (5, 4, 9, 8), (5, 4, 9, 6), {}),
+    "causal": ((5, 4, 9, 8), (5, 4, 9, 8), (5, 4, 9, 6), {"is_causal": True}),
+    "bool-mask": ((5, 4, 7, 8), (5, 4, 9, 8), (5, 4, 9, 6), {"attn_mask": "bool"}),
+    "additive-mask": ((5, 4, 7, 8), (5, 4, 9, 8), (5, 4, 9, 6), {"attn_mask": "float"}),
+    "broadcast-q": ((3, 7, 8), (3, 2, 7, 8), (3, 2, 7, 5), {}),
+    "broadcast-kv": ((3, 2, 7, 8), (3, 1, 7, 8), (3, 1, 7, 5), {}),
+    "scale-tails": ((4, 3, 5, 3), (4, 3, 11, 3), (4, 3, 11, 7), {"scale": 0.3}),
+    "model-sized": ((64, 4, 24, 8), (64, 4, 24, 8), (64, 4, 24, 8), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", [0.1, 2.0, 6.0], ids=["close", "moderate", "far"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_rule_matches_the_torch_rule(monkeypatch, threads, case, spread, dtype):
+    q_shape, k_shape, v_shape, params = CASES[case]
+    m, actual, reference = operands(q_shape, k_shape, v_shape, dtype, spread)
+    params = dict(params)
+    if params.get("attn_mask") == "bool":
+        mask = torch.rand(q_shape[-2], k_shape[-2], generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[:, 0] = True  # no row masked out entirely (softmax of an empty row is NaN natively too)
+        params["attn_mask"] = mask
+    elif params.get("attn_mask") == "float":
+        params["attn_mask"] = torch.randn(q_shape[-2], k_shape[-2], generator=torch.Generator().manual_seed(2))
+    compiled, plain = both_paths(monkeypatch, m, actual, reference, **params)
+    for got, want, operand in zip(compiled, plain, actual, strict=True):
+        assert got.shape == want.shape == (2, *operand.shape) and got.dtype == operand.dtype
+        assert torch.isfinite(got).all()
+        bar = FLOAT64_BAR if dtype == torch.float64 else tolerance_for(torch.float32)
+        assert relative(got, want) <= bar
+
+
+def test_equal_halves_and_a_shifted_reference(monkeypatch):
+    """Rescale's limits: a pair whose halves are equal (every difference 0: the derivative), and a
+    reference whose scores differ by a constant per row (softmax unchanged)."""
+    m, actual, _ = operands((3, 2, 6, 4), (3, 2, 6, 4), (3, 2, 6, 4), torch.float64)
+    compiled, plain = both_paths(monkeypatch, m, actual, actual)
+    for got, want in zip(compiled, plain, strict=True):
+        assert relative(got, want) <= FLOAT64_BAR
+
+
+def test_the_compiled_rule_stands_aside(monkeypatch):
+    """Masks that differ per head, empty operands and the opt-out take the torch path."""
+    m, actual, reference = operands((2, 3, 4, 5), (2, 3, 6, 5), (2, 3, 6, 5), torch.float64)
+    per_head = torch.zeros(3, 4, 6, dtype=torch.float64)
+    assert attention._compiled_rule(m, actual, reference, per_head, 0.5) is None
+    assert attention._compiled_rule(m, actual, reference, torch.zeros(1, 4, 6, dtype=torch.float64), 0.5) is not None
+    empty = tuple(t[..., :0, :] for t in actual)
+    assert attention._compiled_rule(m[..., :0, :], empty, empty, None, 0.5) is None
+    monkeypatch.setenv(ENV, "0")
+    assert attention._compiled_rule(m, actual, reference, None, 0.5) is None
+
+
+class Forecaster(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(5, 16, batch_first=True)
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        context, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
+        return self.head(context.mean(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_explanations_match_the_torch_path(monkeypatch, threads, dtype):
+    from captum.attr import DeepLiftShap
+
+    torch.manual_seed(0)
+    model = Forecaster().to(dtype).eval()
+    x, bg = torch.randn(4, 12, 5, dtype=dtype), torch.randn(6, 12, 5, dtype=dtype)
+
+    def explain():
+        with torch_handler.deeplift_mode(model):
+            return DeepLiftShap(model).attribute(x, baselines=bg, target=1)
+
+    compiled = explain()
+    monkeypatch.setenv(ENV, "0")
+    plain = explain()
+    bar = tolerance_for(dtype)
+    assert relative(compiled, plain) <= bar
+    with torch.no_grad():
+        delta = model(x)[:, 1] - model(bg)[:, 1].mean()
+    total = compiled.detach().sum(dim=(1, 2))
+    assert float((total - delta).abs().max() / delta.abs().max()) <= bar
