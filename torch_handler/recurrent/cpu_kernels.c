@@ -861,8 +861,8 @@ void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
  * bilinear rule twice, for one block (one pair's head) at a time, one query row at a time.
  *
  * Why: issued as torch ops the rule is some thirty float64 passes over (blocks, L, S) tensors
- * of a few MB each, every one allocated afresh; here a row's S scores stay in registers and
- * the cache, and the Rescale factors of exp reuse the quotient of one_minus_exp_neg_over.
+ * of a few MB each, every one allocated afresh; here a row's S scores stay in the cache, and
+ * the Rescale factors of exp come from the exponentials already computed (no further exp).
  *
  * Operands, float64, contiguous, halves first (0 actual, 1 reference): q and its multiplier mq
  * (2, B, L, E); k, mk (2, B, S, E); v, mv (2, B, S, F); m (2, B, L, F) the output's multiplier;
@@ -883,9 +883,9 @@ static inline REAL NAME(rescale_log)(REAL a, REAL r)
 }
 
 /* R_exp(a, r) = (e^a - e^r) / (a - r) = e^hi (1 - e^-d) / d, d = |a - r|, from e_a = e^a and
- * e_r = e^r: ops/rules/unary.py's _rescale_exp with e^-d = e^lo / e^hi (within 3 ulp, so
- * 1 - e^-d within 11 ulp where d >= 1/4: no further exponential) and the Taylor series of
- * one_minus_exp_neg_over below 1/4. 0 where e^hi is 0 (both at -inf, or below e^-708). */
+ * e_r = e^r (no further exponential): the quotient (e^hi - e^lo) / d itself where d >= 1/4
+ * (e^lo <= 0.78 e^hi there, so the difference loses at most 3 bits), e^hi times the Taylor
+ * series of one_minus_exp_neg_over below; 0 where a - r is NaN (both at -inf). */
 static inline NAME(vec) NAME(rescale_exp)(NAME(vec) a, NAME(vec) r, NAME(vec) e_a, NAME(vec) e_r)
 {
     NAME(vec) d = a - r;
@@ -901,29 +901,66 @@ static inline NAME(vec) NAME(rescale_exp)(NAME(vec) a, NAME(vec) r, NAME(vec) e_
     for (int k = 0; k < 12; ++k)
         p = p * d + inverse_factorials[k];
     const NAME(ivec) small = (NAME(ivec))(d < (REAL)0.25);
-    const NAME(ivec) zero = (NAME(ivec))(hi == 0);
-    const NAME(vec) safe_d = SELECT(small, SPLAT(1), d), safe_hi = SELECT(zero, SPLAT(1), hi);
-    return SELECT(zero, SPLAT(0), hi * SELECT(small, p, (1 - lo / safe_hi) / safe_d));
+    return SELECT(small, hi * p, (hi - lo) / SELECT(small, SPLAT(1), d));
 }
 
-/* out[0:cols] = sum_t<n coef[t * step] mat[t * ld + 0:cols]: a row times a matrix, two vectors
- * of columns at a time accumulated in registers (a sum through memory would wait on its own
- * stores at every t), even and odd t apart (four independent chains of FMAs, not two). */
+/* x[0] + ... + x[n-1], a vector of partial sums at a time (a scalar sum waits on each add). */
+static inline REAL NAME(total)(const REAL *x, int64_t n)
+{
+    NAME(vec) acc = SPLAT(0);
+    for (int64_t j = 0; j < n; j += VL)
+        acc += NAME(load)(x + j, n - j < VL ? n - j : VL);
+    REAL t = 0;
+    for (int64_t l = 0; l < VL; ++l)
+        t += acc[l];
+    return t;
+}
+
+/* out[0:cols] = sum_t<n coef[t * step] mat[t * ld + 0:cols]: a row times a matrix, summed in
+ * registers (a sum through memory would wait on its own stores at every t) by four
+ * independent chains of FMAs (one chain waits on its FMA's latency at every t): four vectors
+ * of columns at a time, then two vectors at a time with even and odd t apart, then one. */
 static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef, int64_t n, int64_t step,
                                    const REAL *restrict mat, int64_t ld, int64_t cols)
 {
-    for (int64_t c = 0; c < cols; c += 2 * VL) {
-        const int64_t n1 = cols - c < VL ? cols - c : VL, n2 = cols - c - VL < VL ? cols - c - VL : VL;
-        NAME(vec) acc1 = SPLAT(0), acc2 = SPLAT(0);
+    int64_t c = 0;
+    for (; c + 4 * VL <= cols; c += 4 * VL) {
+        NAME(vec) a0 = SPLAT(0), a1 = SPLAT(0), a2 = SPLAT(0), a3 = SPLAT(0);
         for (int64_t t = 0; t < n; ++t) {
-            const REAL w = coef[t * step];
-            acc1 += w * NAME(load)(mat + t * ld + c, n1);
-            if (n2 > 0)
-                acc2 += w * NAME(load)(mat + t * ld + c + VL, n2);
+            const REAL w = coef[t * step], *p = mat + t * ld + c;
+            a0 += w * NAME(load)(p, VL);
+            a1 += w * NAME(load)(p + VL, VL);
+            a2 += w * NAME(load)(p + 2 * VL, VL);
+            a3 += w * NAME(load)(p + 3 * VL, VL);
         }
-        NAME(store)(out + c, acc1, n1);
+        NAME(store)(out + c, a0, VL);
+        NAME(store)(out + c + VL, a1, VL);
+        NAME(store)(out + c + 2 * VL, a2, VL);
+        NAME(store)(out + c + 3 * VL, a3, VL);
+    }
+    for (; c < cols; c += 2 * VL) {
+        const int64_t n1 = cols - c < VL ? cols - c : VL, n2 = cols - c - VL < VL ? cols - c - VL : VL;
+        NAME(vec) a0 = SPLAT(0), a1 = SPLAT(0), a2 = SPLAT(0), a3 = SPLAT(0);
+        int64_t t = 0;
+        for (; t + 1 < n; t += 2) {
+            const REAL w0 = coef[t * step], w1 = coef[(t + 1) * step];
+            const REAL *p0 = mat + t * ld + c, *p1 = p0 + ld;
+            a0 += w0 * NAME(load)(p0, n1);
+            a2 += w1 * NAME(load)(p1, n1);
+            if (n2 > 0) {
+                a1 += w0 * NAME(load)(p0 + VL, n2);
+                a3 += w1 * NAME(load)(p1 + VL, n2);
+            }
+        }
+        if (t < n) {
+            const REAL w0 = coef[t * step], *p0 = mat + t * ld + c;
+            a0 += w0 * NAME(load)(p0, n1);
+            if (n2 > 0)
+                a1 += w0 * NAME(load)(p0 + VL, n2);
+        }
+        NAME(store)(out + c, a0 + a2, n1);
         if (n2 > 0)
-            NAME(store)(out + c + VL, acc2, n2);
+            NAME(store)(out + c + VL, a1 + a3, n2);
     }
 }
 
@@ -952,14 +989,18 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
     for (int64_t i = 0; i < L; ++i) {
         /* Scores of row i in both halves, and c = their max (common to the pair, so it cancels;
          * 0 where the row is masked out), z = S - c, e = exp(z) (0 where z is -inf). */
-        REAL c = -INFINITY, sum[2], log_sum[2];
+        REAL c = -INFINITY, sum[2], log_sum[2], inv_sum[2];
         for (int64_t h = 0; h < 2; ++h) {
             REAL *restrict s = z[h];
             NAME(row_times)(s, q[h] + i * E, E, 1, kt[h], S, S);
-            for (int64_t j = 0; j < S; ++j) {
-                s[j] = s[j] * scale + (mask ? mask[i * S + j] : 0);
+            if (mask)
+                for (int64_t j = 0; j < S; ++j)
+                    s[j] = s[j] * scale + mask[i * S + j];
+            else
+                for (int64_t j = 0; j < S; ++j)
+                    s[j] *= scale;
+            for (int64_t j = 0; j < S; ++j)
                 c = s[j] > c ? s[j] : c;
-            }
         }
         if (!(c > -INFINITY && c < INFINITY))
             c = 0;
@@ -970,15 +1011,14 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
                 NAME(store)(z[h] + j, x, n);
                 NAME(store)(e[h] + j, SELECT(x < -708, SPLAT(0), NAME(exp)(x)), n);
             }
-            sum[h] = 0;
-            for (int64_t j = 0; j < S; ++j)
-                sum[h] += e[h][j];
+            sum[h] = NAME(total)(e[h], S);
             log_sum[h] = log(sum[h]);
+            inv_sum[h] = 1 / sum[h];
         }
         /* P = e / Σe; m_P = m mean(v)ᵀ per half (the bilinear rule of P @ v; m_v after the rows). */
         REAL *restrict p_row = pbar + i * S;
         for (int64_t j = 0; j < S; ++j)
-            p_row[j] = (e[0][j] / sum[0] + e[1][j] / sum[1]) * 0.5;
+            p_row[j] = (e[0][j] * inv_sum[0] + e[1][j] * inv_sum[1]) * 0.5;
         REAL *mp[2] = {mx[0] + i * S, mx[1] + i * S};
         for (int64_t h = 0; h < 2; ++h)
             NAME(row_times)(mp[h], m[h] + i * F, F, 1, vbar_t, S, S);
@@ -988,18 +1028,12 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
         for (int64_t j = 0; j < S; j += VL) {
             const int64_t n = S - j < VL ? S - j : VL;
             const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
-            const NAME(vec) pa = NAME(load)(e[0] + j, n) / sum[0], pr = NAME(load)(e[1] + j, n) / sum[1];
+            const NAME(vec) pa = NAME(load)(e[0] + j, n) * inv_sum[0], pr = NAME(load)(e[1] + j, n) * inv_sum[1];
             const NAME(vec) r_u = NAME(rescale_exp)(za - log_sum[0], zr - log_sum[1], pa, pr);
             for (int64_t h = 0; h < 2; ++h)
                 NAME(store)(mp[h] + j, NAME(load)(mp[h] + j, n) * r_u, n);
         }
-        REAL m_sum[2];
-        for (int64_t h = 0; h < 2; ++h) {
-            REAL t = 0;
-            for (int64_t j = 0; j < S; ++j)
-                t += mp[h][j];
-            m_sum[h] = -t * r_log;
-        }
+        const REAL m_sum[2] = {-NAME(total)(mp[0], S) * r_log, -NAME(total)(mp[1], S) * r_log};
         for (int64_t j = 0; j < S; j += VL) {
             const int64_t n = S - j < VL ? S - j : VL;
             const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);

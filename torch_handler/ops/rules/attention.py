@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -102,17 +103,33 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     B = N * math.prod(batch)
     ndim = 1 + len(batch) + 2
 
-    def halves(a: Tensor, r: Tensor) -> Tensor:
-        """(2, B, rows, cols) float64, contiguous: both halves with the batch axes broadcast."""
-        shape = (N, *batch, *a.shape[-2:])
-        both = torch.stack((_pad_after_pair(a, ndim).expand(shape), _pad_after_pair(r, ndim).expand(shape)))
-        return both.to(torch.float64).reshape(2, B, *a.shape[-2:]).contiguous()
-
-    q, k, v = halves(q_a, q_r), halves(k_a, k_r), halves(v_a, v_r)
-    m64 = _f64(m).reshape(2, B, L, F).contiguous()
-    m_q, m_k, m_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     threads = torch.get_num_threads()
-    work = q.new_empty(threads * library.sdpa_work_f64(L, S, E, F))
+    sizes = {"q": 2 * B * L * E, "k": 2 * B * S * E, "v": 2 * B * S * F, "m": 2 * B * L * F,
+             "work": threads * library.sdpa_work_f64(L, S, E, F)}
+    # The multipliers stay in the scratch buffer where they are converted to the operands'
+    # dtype below (a copy); float64 operands get them in tensors of their own.
+    own = {"q": q_a, "k": k_a, "v": v_a}
+    outputs = {name: sizes[name] for name, operand in own.items() if operand.dtype != torch.float64}
+    views, start = {}, 0
+    scratch = _scratch(sum(sizes.values()) + sum(outputs.values()))
+    for name, size in [*sizes.items(), *((f"m_{n}", size) for n, size in outputs.items())]:
+        views[name], start = scratch[start:start + size], start + size
+
+    def halves(name: str, a: Tensor, r: Tensor) -> Tensor:
+        """(2, B, rows, cols) float64, contiguous: both halves with the batch axes broadcast,
+        each converted and laid out by one copy."""
+        shape = (N, *batch, *a.shape[-2:])
+        both = views[name].view(2, *shape)
+        both[0].copy_(_pad_after_pair(a, ndim).expand(shape))
+        both[1].copy_(_pad_after_pair(r, ndim).expand(shape))
+        return both.view(2, B, *a.shape[-2:])
+
+    q, k, v = halves("q", q_a, q_r), halves("k", k_a, k_r), halves("v", v_a, v_r)
+    m64 = views["m"].view(2, B, L, F)
+    m64.view(m.shape).copy_(m)
+    m_q, m_k, m_v = (views[f"m_{name}"].view(t.shape) if f"m_{name}" in views else torch.empty_like(t)
+                     for name, t in (("q", q), ("k", k), ("v", v)))
+    work = views["work"]
     # Every tensor whose address the kernel gets is held by a name until it returns.
     library.sdpa_rule_f64(threads, B, L, S, E, F, float(scale), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                           m64.data_ptr(), None if mask is None else mask.data_ptr(), m_q.data_ptr(),
@@ -122,3 +139,20 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
         return _reduce_to(mult.reshape(2, N, *batch, *mult.shape[-2:]), like.shape).to(like.dtype)
 
     return back(m_q, q_a), back(m_k, k_a), back(m_v, v_a)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> Tensor:
+    """This thread's float64 scratch buffer of at least ``numel`` numbers, kept between calls.
+
+    Why: the kernel's float64 operands are a few MB at a few hundred pairs, and fresh memory
+    of that size comes from the OS page by page at every call (measured on the 2-core VM: page
+    faults cost the rule about as much as its arithmetic). Per thread, so concurrent
+    explanations never share it; it grows to the largest call's size and is freed with its thread.
+    """
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.float64)
+    return buffer[:numel]
