@@ -173,3 +173,57 @@ def test_explanations_match_the_torch_path(monkeypatch, threads, dtype):
         delta = model(x)[:, 1] - model(bg)[:, 1].mean()
     total = compiled.detach().sum(dim=(1, 2))
     assert float((total - delta).abs().max() / delta.abs().max()) <= bar
+
+
+SOFTMAX_CASES = {
+    "last-axis": ((6, 3, 10), -1),
+    "middle-axis": ((6, 10, 3), -2),
+    "first-axis": ((6, 7, 5), -2),
+    "one-logit": ((4, 5, 1), -1),
+    "tails": ((3, 2, 13), -1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", [0.1, 2.0, 30.0], ids=["close", "moderate", "far"])
+@pytest.mark.parametrize("case", list(SOFTMAX_CASES))
+def test_compiled_softmax_matches_the_torch_rule(monkeypatch, threads, case, spread, dtype):
+    from torch_handler.ops.rules import softmax
+
+    shape, dim = SOFTMAX_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x_a, x_r = (torch.randn(*shape, generator=g, dtype=dtype) * spread for _ in range(2))
+    m = torch.randn(2, *shape, generator=g, dtype=dtype)
+    monkeypatch.delenv(ENV, raising=False)
+    compiled = softmax._compiled_softmax(m, x_a, x_r, dim)
+    assert compiled is not None
+    (served,) = softmax.softmax(m, (x_a,), (x_r,), dim=dim)
+    assert torch.equal(served, compiled)
+    monkeypatch.setenv(ENV, "0")
+    (plain,) = softmax.softmax(m, (x_a,), (x_r,), dim=dim)
+    assert compiled.shape == plain.shape == (2, *shape) and compiled.dtype == dtype
+    assert torch.isfinite(compiled).all()
+    # Against the output multipliers' scale: with one logit both are rounding noise around 0.
+    bar = FLOAT64_BAR if dtype == torch.float64 else tolerance_for(torch.float32)
+    assert float((compiled - plain).abs().max()) <= bar * float(m.abs().max())
+
+
+def test_compiled_softmax_masked_and_shifted(monkeypatch):
+    """Logits at -inf in both halves get zero multipliers; a reference shifted by a constant
+    per row (softmax unchanged) gets zero attributions, as the torch rule gives."""
+    from torch_handler.ops.rules import softmax
+
+    g = torch.Generator().manual_seed(4)
+    x_a = torch.randn(5, 4, 9, generator=g, dtype=torch.float64)
+    x_a[..., 3] = -math.inf
+    x_r = x_a + torch.randn(5, 4, 1, generator=g, dtype=torch.float64)
+    m = torch.randn(2, 5, 4, 9, generator=g, dtype=torch.float64)
+    monkeypatch.delenv(ENV, raising=False)
+    compiled = softmax._compiled_softmax(m, x_a, x_r, -1)
+    monkeypatch.setenv(ENV, "0")
+    (plain,) = softmax.softmax(m, (x_a,), (x_r,), dim=-1)
+    assert torch.equal(compiled[..., 3], torch.zeros_like(compiled[..., 3]))
+    finite = torch.isfinite(x_a)
+    assert relative(compiled[:, finite], plain[:, finite]) <= FLOAT64_BAR
+    shifted = (compiled[0] * torch.where(finite, x_a - x_r, 0)).sum(-1)
+    assert float(shifted.abs().max()) <= 1e-13

@@ -964,6 +964,55 @@ static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef
     }
 }
 
+/* Softmax over a row of S logits in both halves, first phase: z[h] (the logits, in place)
+ * becomes z - c with c the max over both halves (common to the pair, so it cancels; 0 where
+ * every logit is -inf), e[h] = exp(z) (0 below e^-708, so exactly 0 at -inf) and sum[h] = Σe. */
+static inline void NAME(softmax_exp)(int64_t S, REAL *const z[2], REAL *const e[2], REAL sum[2])
+{
+    REAL c = -INFINITY;
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < S; ++j)
+            c = z[h][j] > c ? z[h][j] : c;
+    if (!(c > -INFINITY && c < INFINITY))
+        c = 0;
+    for (int64_t h = 0; h < 2; ++h) {
+        for (int64_t j = 0; j < S; j += VL) {
+            const int64_t n = S - j < VL ? S - j : VL;
+            const NAME(vec) x = NAME(load)(z[h] + j, n) - c;
+            NAME(store)(z[h] + j, x, n);
+            NAME(store)(e[h] + j, SELECT(x < -708, SPLAT(0), NAME(exp)(x)), n);
+        }
+        sum[h] = NAME(total)(e[h], S);
+    }
+}
+
+/* Second phase, the softmax rule through log_softmax (ops/rules/softmax.py; u = z - log Σe):
+ * m[h], the output's multipliers on entry, becomes scale times the logits' multipliers:
+ * m_u = m R_exp(u_a, u_r) (exp(u) = P), m_Σ = -Σ_j m_u R_log(Σ_a, Σ_r),
+ * m_x = m_u + m_Σ R_exp(z_a, z_r). */
+static inline void NAME(softmax_multipliers)(int64_t S, REAL *const z[2], REAL *const e[2], const REAL sum[2],
+                                             REAL *const m[2], REAL scale)
+{
+    const REAL log_sum[2] = {log(sum[0]), log(sum[1])}, inv_sum[2] = {1 / sum[0], 1 / sum[1]};
+    const REAL r_log = NAME(rescale_log)(sum[0], sum[1]);
+    for (int64_t j = 0; j < S; j += VL) {
+        const int64_t n = S - j < VL ? S - j : VL;
+        const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
+        const NAME(vec) pa = NAME(load)(e[0] + j, n) * inv_sum[0], pr = NAME(load)(e[1] + j, n) * inv_sum[1];
+        const NAME(vec) r_u = NAME(rescale_exp)(za - log_sum[0], zr - log_sum[1], pa, pr);
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(store)(m[h] + j, NAME(load)(m[h] + j, n) * r_u, n);
+    }
+    const REAL m_sum[2] = {-NAME(total)(m[0], S) * r_log, -NAME(total)(m[1], S) * r_log};
+    for (int64_t j = 0; j < S; j += VL) {
+        const int64_t n = S - j < VL ? S - j : VL;
+        const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
+        const NAME(vec) r_z = NAME(rescale_exp)(za, zr, NAME(load)(e[0] + j, n), NAME(load)(e[1] + j, n));
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(store)(m[h] + j, (NAME(load)(m[h] + j, n) + m_sum[h] * r_z) * scale, n);
+    }
+}
+
 static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL scale, const REAL *restrict q[2],
                              const REAL *restrict k[2], const REAL *restrict v[2], const REAL *restrict m[2],
                              const REAL *restrict mask, REAL *restrict mq[2], REAL *restrict mk[2],
@@ -987,9 +1036,8 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
     for (int64_t t = 0; t < S * E; ++t)
         kbar[t] = (k[0][t] + k[1][t]) * 0.5;
     for (int64_t i = 0; i < L; ++i) {
-        /* Scores of row i in both halves, and c = their max (common to the pair, so it cancels;
-         * 0 where the row is masked out), z = S - c, e = exp(z) (0 where z is -inf). */
-        REAL c = -INFINITY, sum[2], log_sum[2], inv_sum[2];
+        /* Scores of row i in both halves (scale q kᵀ + mask), then softmax's exponentials. */
+        REAL sum[2];
         for (int64_t h = 0; h < 2; ++h) {
             REAL *restrict s = z[h];
             NAME(row_times)(s, q[h] + i * E, E, 1, kt[h], S, S);
@@ -999,48 +1047,17 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
             else
                 for (int64_t j = 0; j < S; ++j)
                     s[j] *= scale;
-            for (int64_t j = 0; j < S; ++j)
-                c = s[j] > c ? s[j] : c;
         }
-        if (!(c > -INFINITY && c < INFINITY))
-            c = 0;
-        for (int64_t h = 0; h < 2; ++h) {
-            for (int64_t j = 0; j < S; j += VL) {
-                const int64_t n = S - j < VL ? S - j : VL;
-                const NAME(vec) x = NAME(load)(z[h] + j, n) - c;
-                NAME(store)(z[h] + j, x, n);
-                NAME(store)(e[h] + j, SELECT(x < -708, SPLAT(0), NAME(exp)(x)), n);
-            }
-            sum[h] = NAME(total)(e[h], S);
-            log_sum[h] = log(sum[h]);
-            inv_sum[h] = 1 / sum[h];
-        }
+        NAME(softmax_exp)(S, z, e, sum);
         /* P = e / Σe; m_P = m mean(v)ᵀ per half (the bilinear rule of P @ v; m_v after the rows). */
         REAL *restrict p_row = pbar + i * S;
+        const REAL inv_sum[2] = {1 / sum[0], 1 / sum[1]};
         for (int64_t j = 0; j < S; ++j)
             p_row[j] = (e[0][j] * inv_sum[0] + e[1][j] * inv_sum[1]) * 0.5;
         REAL *mp[2] = {mx[0] + i * S, mx[1] + i * S};
         for (int64_t h = 0; h < 2; ++h)
             NAME(row_times)(mp[h], m[h] + i * F, F, 1, vbar_t, S, S);
-        /* The softmax rule through log_softmax (u = z - log Σe): m_u = m_P R_exp(u_a, u_r)
-         * (exp(u) = P), m_Σ = -Σ_j m_u R_log(Σ_a, Σ_r), m_S = m_u + m_Σ R_exp(z_a, z_r). */
-        const REAL r_log = NAME(rescale_log)(sum[0], sum[1]);
-        for (int64_t j = 0; j < S; j += VL) {
-            const int64_t n = S - j < VL ? S - j : VL;
-            const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
-            const NAME(vec) pa = NAME(load)(e[0] + j, n) * inv_sum[0], pr = NAME(load)(e[1] + j, n) * inv_sum[1];
-            const NAME(vec) r_u = NAME(rescale_exp)(za - log_sum[0], zr - log_sum[1], pa, pr);
-            for (int64_t h = 0; h < 2; ++h)
-                NAME(store)(mp[h] + j, NAME(load)(mp[h] + j, n) * r_u, n);
-        }
-        const REAL m_sum[2] = {-NAME(total)(mp[0], S) * r_log, -NAME(total)(mp[1], S) * r_log};
-        for (int64_t j = 0; j < S; j += VL) {
-            const int64_t n = S - j < VL ? S - j : VL;
-            const NAME(vec) za = NAME(load)(z[0] + j, n), zr = NAME(load)(z[1] + j, n);
-            const NAME(vec) r_z = NAME(rescale_exp)(za, zr, NAME(load)(e[0] + j, n), NAME(load)(e[1] + j, n));
-            for (int64_t h = 0; h < 2; ++h)
-                NAME(store)(mp[h] + j, (NAME(load)(mp[h] + j, n) + m_sum[h] * r_z) * scale, n);
-        }
+        NAME(softmax_multipliers)(S, z, e, sum, mp, scale);
         /* The bilinear rule of the scores, row i: m_q = (scale m_S) mean(k). */
         for (int64_t h = 0; h < 2; ++h)
             NAME(row_times)(mq[h] + i * E, mp[h], S, 1, kbar, E, E);
@@ -1086,6 +1103,37 @@ void NAME(sdpa_rule)(int64_t threads, int64_t B, int64_t L, int64_t S, int64_t E
     (void)threads;
     (void)w;
     NAME(sdpa_blocks)(0, B, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv, work);
+#endif
+}
+/* The softmax rule over the last axis alone (ops/rules/softmax.py's softmax), float64: x and
+ * the multipliers m, out (2, R, S), halves first; work: per thread, 2 S numbers (z) + 2 S (e). */
+static void NAME(softmax_rows)(int64_t r0, int64_t r1, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out,
+                               REAL *work)
+{
+    REAL *z[2] = {work, work + S}, *e[2] = {work + 2 * S, work + 3 * S};
+    for (int64_t r = r0; r < r1; ++r) {
+        REAL *o[2] = {out + r * S, out + (R + r) * S}, sum[2];
+        for (int64_t h = 0; h < 2; ++h) {
+            memcpy(z[h], x + (h * R + r) * S, (size_t)S * sizeof(REAL));
+            memcpy(o[h], m + (h * R + r) * S, (size_t)S * sizeof(REAL));
+        }
+        NAME(softmax_exp)(S, z, e, sum);
+        NAME(softmax_multipliers)(S, z, e, sum, o, 1);
+    }
+}
+
+void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out, REAL *work)
+{
+#ifdef _OPENMP
+    const int team = (int)(threads < R ? threads : R);
+    _Pragma("omp parallel num_threads(team)")
+    {
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        NAME(softmax_rows)(R * t / n, R * (t + 1) / n, R, S, x, m, out, work + t * 4 * S);
+    }
+#else
+    (void)threads;
+    NAME(softmax_rows)(0, R, R, S, x, m, out, work);
 #endif
 }
 #endif /* MANTISSA == 52 */

@@ -582,10 +582,11 @@ def _declare(library: ctypes.CDLL) -> None:
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad + [i64],
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
-    # The attention rule's kernel (float64 only; torch_handler/ops/rules/attention.py).
+    # The attention and softmax rules' kernels (float64 only; torch_handler/ops/rules/_compiled.py).
     library.sdpa_work_f64.argtypes, library.sdpa_work_f64.restype = [i64] * 4, i64
     library.sdpa_rule_f64.argtypes = [i64] * 6 + [ctypes.c_double] + [ptr] * 9
     library.sdpa_rule_f64.restype = None
+    library.softmax_rule_f64.argtypes, library.softmax_rule_f64.restype = [i64] * 3 + [ptr] * 4, None
     for suffix in _SUFFIX.values():
         for name, argtypes in signatures.items():
             function = getattr(library, f"{name}_{suffix}")

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import threading
 
 import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, _reduce_to
+from torch_handler.ops.rules._compiled import library_for, scratch
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
-from torch_handler.recurrent import cpu_loops
-from torch_handler.recurrent.fused_loops import ENV
 
 
 def scaled_dot_product_attention(
@@ -88,9 +85,9 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     two agree to rounding: ``tests/test_attention_kernel.py``.
     """
     (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
-    if q_a.device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not cpu_loops._compiled():
+    library = library_for(q_a.device)
+    if library is None:
         return None
-    library = cpu_loops.library()
     N, (L, E), (S, F) = q_a.shape[0], q_a.shape[-2:], v_a.shape[-2:]
     if min(N, L, E, S, F) == 0:
         return None
@@ -111,9 +108,9 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     own = {"q": q_a, "k": k_a, "v": v_a}
     outputs = {name: sizes[name] for name, operand in own.items() if operand.dtype != torch.float64}
     views, start = {}, 0
-    scratch = _scratch(sum(sizes.values()) + sum(outputs.values()))
+    buffer = scratch(sum(sizes.values()) + sum(outputs.values()))
     for name, size in [*sizes.items(), *((f"m_{n}", size) for n, size in outputs.items())]:
-        views[name], start = scratch[start:start + size], start + size
+        views[name], start = buffer[start:start + size], start + size
 
     def halves(name: str, a: Tensor, r: Tensor) -> Tensor:
         """(2, B, rows, cols) float64, contiguous: both halves with the batch axes broadcast,
@@ -140,19 +137,3 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
 
     return back(m_q, q_a), back(m_k, k_a), back(m_v, v_a)
 
-
-_SCRATCH = threading.local()
-
-
-def _scratch(numel: int) -> Tensor:
-    """This thread's float64 scratch buffer of at least ``numel`` numbers, kept between calls.
-
-    Why: the kernel's float64 operands are a few MB at a few hundred pairs, and fresh memory
-    of that size comes from the OS page by page at every call (measured on the 2-core VM: page
-    faults cost the rule about as much as its arithmetic). Per thread, so concurrent
-    explanations never share it; it grows to the largest call's size and is freed with its thread.
-    """
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.float64)
-    return buffer[:numel]

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
+from torch_handler.ops.rules._compiled import library_for, scratch
 from torch_handler.ops.rules.unary import _rescale_exp, _rescale_log
 
 
@@ -58,7 +59,36 @@ def softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
     """
     (x_a,), (x_r,) = actual, reference
     dims = _pair_dims(dim, x_a.ndim)
+    compiled = _compiled_softmax(m, x_a, x_r, dims[0]) if len(dims) == 1 else None
+    if compiled is not None:
+        return (compiled,)
     return (_softmax_input_multiplier(_f64(m), _f64(x_a), _f64(x_r), dims).to(x_a.dtype),)
+
+
+def _compiled_softmax(m: Tensor, x_a: Tensor, x_r: Tensor, dim: int) -> Tensor | None:
+    """The softmax rule in one call of the compiled CPU library (``softmax_rule_f64``: the same
+    formulas in float64, a row at a time, the Rescale factors of exp from the exponentials it
+    already has), or None where it does not serve (see ``_compiled.library_for``; an empty axis).
+
+    Why: as torch ops the rule is some twenty float64 passes over the logits, each a fresh
+    allocation; attention scores of a few hundred pairs make them MBs each.
+    """
+    library = library_for(x_a.device)
+    if library is None or x_a.shape[dim] == 0 or x_a.numel() == 0:
+        return None
+    moved = x_a.movedim(dim, -1).shape
+    S = moved[-1]
+    R = x_a.numel() // S
+    threads = torch.get_num_threads()
+    buffer = scratch(6 * R * S + threads * 4 * S)
+    x, m64, out = (buffer[k * 2 * R * S:(k + 1) * 2 * R * S].view(2, *moved) for k in range(3))
+    x[0].copy_(x_a.movedim(dim, -1))
+    x[1].copy_(x_r.movedim(dim, -1))
+    m64.copy_(m.movedim(dim, -1))
+    work = buffer[6 * R * S:]
+    # Every tensor whose address the kernel gets is held by a name until it returns.
+    library.softmax_rule_f64(threads, R, S, x.data_ptr(), m64.data_ptr(), out.data_ptr(), work.data_ptr())
+    return out.movedim(-1, dim).to(x_a.dtype, copy=True)  # out of the scratch buffer
 
 
 def log_softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
