@@ -27,3 +27,23 @@ def compiled_cpu_loops():
     from torch_handler.recurrent import cpu_loops
 
     cpu_loops.load(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def compiled_library():
+    """For modules that test the compiled CPU library itself: it must have loaded.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("compiled_library")``."""
+    from torch_handler.recurrent import cpu_loops
+
+    assert cpu_loops.load(timeout=300), (
+        "the CPU library did not compile: these tests need a C compiler (cc, gcc or clang; $CC)")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Each test at one intra-op thread and at two (a team of threads in the kernels); restores it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

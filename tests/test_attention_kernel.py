@@ -20,24 +20,12 @@ from torch import nn
 import torch_handler
 from torch_handler.additivity import tolerance_for
 from torch_handler.ops.rules import attention
-from torch_handler.recurrent import cpu_loops
 from torch_handler.recurrent.fused_loops import ENV
 
 FLOAT64_BAR = 1e-13  # max |kernel - torch| relative to the multipliers' scale, float64 operands
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded():
-    assert cpu_loops.load(timeout=300), (
-        "the CPU library did not compile: these tests need a C compiler (cc, gcc or clang; $CC)")
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("compiled_library")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

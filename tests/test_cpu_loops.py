@@ -18,7 +18,7 @@ from torch import nn
 
 import torch_handler
 from torch_handler.additivity import tolerance_for
-from torch_handler.recurrent import cpu_kernels, cpu_loops
+from torch_handler.recurrent import cpu_kernels
 from torch_handler.recurrent.function import _forward_loop
 from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
@@ -26,18 +26,7 @@ RULES = {"LSTM": LSTMRule, "GRU": GRURule, "RNN": lambda: RNNRule("tanh"), "RNN-
 SHAPES = [(1, 128), (3, 37), (5, 20), (32, 64)]  # (pairs, hidden): one pair, tails, a full team
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded():
-    assert cpu_loops.load(timeout=300), (
-        "the CPU loops did not compile: these tests need a C compiler (cc, gcc or clang; $CC)")
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("compiled_library")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,15 +16,13 @@ import torch
 from torch import nn
 
 import torch_handler
-from torch_handler.recurrent import cpu_kernels, cpu_loops, row_layout
+from torch_handler.recurrent import cpu_kernels, row_layout
 from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
 RULES = {"LSTM": LSTMRule, "GRU": GRURule, "RNN": lambda: RNNRule("tanh"), "RNN-relu": lambda: RNNRule("relu")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded():
-    assert cpu_loops.load(timeout=300), "the CPU loops did not compile: these tests need a C compiler"
+pytestmark = pytest.mark.usefixtures("compiled_library")
 
 
 def doubled(xs: torch.Tensor, refs: torch.Tensor, pattern: str) -> torch.Tensor:

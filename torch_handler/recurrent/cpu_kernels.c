@@ -280,10 +280,9 @@ static inline NAME(vec) NAME(tanh)(NAME(vec) x)
     return SELECT(ax < (REAL)0.0625, NAME(tanh_series)(x), SELECT(x < 0, -q, q));
 }
 
-/* (1 - e^-d) / d for d >= 0 (1 at d = 0), without cancellation: its Taylor series
- * sum_k (-d)^k / (k+1)! below d = 1/4 (terms through d^12: the first omitted one is below
- * 2^-60), the quotient above (where e^-d < 0.78: within 4 ulp). */
-static inline NAME(vec) NAME(one_minus_exp_neg_over)(NAME(vec) d)
+/* (1 - e^-d) / d by its Taylor series sum_k (-d)^k / (k+1)!, for 0 <= d < 1/4 (terms through
+ * d^12: the first omitted one is below 2^-60), where the quotient cancels. */
+static inline NAME(vec) NAME(one_minus_exp_neg_series)(NAME(vec) d)
 {
     NAME(vec) p = SPLAT((REAL)1 / 6227020800);  /* 1/13! */
     static const REAL inverse_factorials[12] = {  /* 1/12!, ..., 1/2!, 1/1! with alternating signs */
@@ -292,9 +291,16 @@ static inline NAME(vec) NAME(one_minus_exp_neg_over)(NAME(vec) d)
         -(REAL)1 / 2, (REAL)1};
     for (int k = 0; k < 12; ++k)
         p = p * d + inverse_factorials[k];
+    return p;
+}
+
+/* (1 - e^-d) / d for d >= 0 (1 at d = 0), without cancellation: the series below d = 1/4, the
+ * quotient above (where e^-d < 0.78: within 4 ulp). */
+static inline NAME(vec) NAME(one_minus_exp_neg_over)(NAME(vec) d)
+{
     const NAME(ivec) small = (NAME(ivec))(d < (REAL)0.25);
     const NAME(vec) safe = SELECT(small, SPLAT(1), d);
-    return SELECT(small, p, (1 - NAME(exp)(-safe)) / safe);
+    return SELECT(small, NAME(one_minus_exp_neg_series)(d), (1 - NAME(exp)(-safe)) / safe);
 }
 
 /* An operand x of a sigmoid with what the factors need of it, from one exponential E = e^-x:
@@ -893,15 +899,8 @@ static inline NAME(vec) NAME(rescale_exp)(NAME(vec) a, NAME(vec) r, NAME(vec) e_
     d = SELECT(d == d, d, SPLAT(0));
     const NAME(ivec) a_hi = (NAME(ivec))(e_a > e_r);
     const NAME(vec) hi = SELECT(a_hi, e_a, e_r), lo = SELECT(a_hi, e_r, e_a);
-    NAME(vec) p = SPLAT((REAL)1 / 6227020800);  /* 1/13!: the series of one_minus_exp_neg_over */
-    static const REAL inverse_factorials[12] = {
-        -(REAL)1 / 479001600, (REAL)1 / 39916800, -(REAL)1 / 3628800, (REAL)1 / 362880,
-        -(REAL)1 / 40320, (REAL)1 / 5040, -(REAL)1 / 720, (REAL)1 / 120, -(REAL)1 / 24, (REAL)1 / 6,
-        -(REAL)1 / 2, (REAL)1};
-    for (int k = 0; k < 12; ++k)
-        p = p * d + inverse_factorials[k];
     const NAME(ivec) small = (NAME(ivec))(d < (REAL)0.25);
-    return SELECT(small, hi * p, (hi - lo) / SELECT(small, SPLAT(1), d));
+    return SELECT(small, hi * NAME(one_minus_exp_neg_series)(d), (hi - lo) / SELECT(small, SPLAT(1), d));
 }
 
 /* x[0] + ... + x[n-1], a vector of partial sums at a time (a scalar sum waits on each add). */
