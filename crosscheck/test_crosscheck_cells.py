@@ -223,9 +223,9 @@ def test_a_changed_rule_is_caught(monkeypatch):
     the same comparison as above must then fail. (The patch is to the rule's torch code, so the
     compiled CPU loops, which would run their C twin of it, are switched off here; the C twin
     is held to the torch rule element-wise by tests/test_cpu_loops.py.)"""
-    from torch_handler.recurrent import cpu_kernels, rules
+    from torch_handler.recurrent import fused_loops, rules
 
-    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    monkeypatch.setenv(fused_loops.ENV, "0")
 
     original = rules.LSTMRule.coefficients
 

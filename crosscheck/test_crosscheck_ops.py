@@ -240,7 +240,7 @@ def test_torch_rule_agrees_with_the_jax_twin(config_index, shape_index):
         assert np.isfinite(errors).all()
 
 
-# The ops whose torch rule has a compiled twin on the CPU (torch_handler/ops/rules/_compiled.py):
+# The ops whose torch rule has a compiled twin on the CPU (sdpa_rule_f64, softmax_rule_f64):
 # the test above checks the twin (loaded by conftest.py); this checks the rule as torch ops too.
 COMPILED_TWINS = ("softmax", "scaled_dot_product_attention")
 
@@ -249,12 +249,12 @@ COMPILED_TWINS = ("softmax", "scaled_dot_product_attention")
 @pytest.mark.parametrize("config_index", [i for i, c in enumerate(CONFIGS) if c.op in COMPILED_TWINS],
                          ids=[c.id for c in CONFIGS if c.op in COMPILED_TWINS])
 def test_torch_ops_path_of_a_compiled_rule_agrees_with_the_jax_twin(monkeypatch, config_index, shape_index):
-    from torch_handler.ops.rules import _compiled
+    from torch_handler.recurrent import cpu_loops
     from torch_handler.recurrent.fused_loops import ENV
 
-    assert _compiled.library_for(torch.device("cpu")) is not None  # else the test above ran this path
+    assert cpu_loops.serving(torch.device("cpu")) is not None  # else the test above ran this path
     monkeypatch.setenv(ENV, "0")
-    assert _compiled.library_for(torch.device("cpu")) is None
+    assert cpu_loops.serving(torch.device("cpu")) is None
     test_torch_rule_agrees_with_the_jax_twin(config_index, shape_index)
 
 

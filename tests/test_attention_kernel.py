@@ -33,34 +33,27 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
+_COMPILED_RULE = attention._compiled_rule  # the real one, which both_paths' spy calls
+
+
 def both_paths(monkeypatch, m, actual, reference, **params):
-    """(compiled, torch) multipliers of the rule for the same call."""
+    """(compiled, torch) multipliers of the rule for the same call; the first call is checked
+    to have taken the compiled path."""
+    taken = []
+
+    def spy(*args):
+        taken.append(_COMPILED_RULE(*args))
+        return taken[-1]
+
     monkeypatch.delenv(ENV, raising=False)
-    compiled = attention._compiled_rule(m, actual, reference, *_mask_and_scale(actual, **params))
-    assert compiled is not None, "the compiled rule should serve this call"
-    served = attention.scaled_dot_product_attention(m, actual, reference, **params)
+    monkeypatch.setattr(attention, "_compiled_rule", spy)
+    compiled = attention.scaled_dot_product_attention(m, actual, reference, **params)
+    assert taken and taken[-1] is not None, "the compiled rule should serve this call"
     monkeypatch.setenv(ENV, "0")
     plain = attention.scaled_dot_product_attention(m, actual, reference, **params)
+    assert taken[-1] is None  # the torch-ops path
     monkeypatch.delenv(ENV)
-    for a, b in zip(served, compiled, strict=True):
-        assert torch.equal(a, b)  # the rule's own call took the compiled path
     return compiled, plain
-
-
-def _mask_and_scale(actual, attn_mask=None, is_causal=False, scale=None):
-    q = actual[0]
-    L, S = q.shape[-2], actual[1].shape[-2]
-    additive = None
-    if is_causal or attn_mask is not None:
-        additive = torch.zeros(L, S, dtype=torch.float64)
-    if is_causal:
-        additive = additive.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            additive = additive + torch.zeros_like(attn_mask, dtype=torch.float64).masked_fill(~attn_mask, -math.inf)
-        else:
-            additive = additive + attn_mask.to(torch.float64)
-    return additive, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
 
 def operands(q_shape, k_shape, v_shape, dtype, spread=2.0, seed=0):

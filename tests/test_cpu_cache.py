@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from torch_handler.recurrent import cpu_kernels, cpu_loops
+from torch_handler.recurrent import cpu_loops, fused_loops
 
 CHILD = textwrap.dedent(
     """
@@ -379,7 +379,7 @@ def test_the_opt_out_builds_nothing(tmp_path):
     """LSTM_DEEPSHAP_FUSED=0: no compiler runs, nothing is written."""
     done = subprocess.run([sys.executable, "-c", CHILD, "explain-and-exit"], capture_output=True, text=True,
                           timeout=600, check=False,
-                          env={**os.environ, cpu_loops.CACHE_ENV: str(tmp_path / "cache"), cpu_kernels.ENV: "0"})
+                          env={**os.environ, cpu_loops.CACHE_ENV: str(tmp_path / "cache"), fused_loops.ENV: "0"})
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     assert not (tmp_path / "cache").exists()
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import torch_handler
 from torch_handler.additivity import tolerance_for
-from torch_handler.recurrent import cpu_kernels
+from torch_handler.recurrent import cpu_kernels, fused_loops
 from torch_handler.recurrent.function import _forward_loop
 from torch_handler.recurrent.rules import GRURule, LSTMRule, RNNRule
 
@@ -166,12 +166,12 @@ def test_explanations_match_the_eager_loops(threads, monkeypatch, cell, kwargs, 
             return original(*args, **kwargs)
         return call
 
-    monkeypatch.setenv(cpu_kernels.ENV, "1")  # the compiled loops
+    monkeypatch.setenv(fused_loops.ENV, "1")  # the compiled loops
     with monkeypatch.context() as patch:
         for name in calls:
             patch.setattr(cpu_kernels, name, counting(name, getattr(cpu_kernels, name)))
         grad, per_row = explain(module, x)
-    monkeypatch.setenv(cpu_kernels.ENV, "0")  # the eager loops
+    monkeypatch.setenv(fused_loops.ENV, "0")  # the eager loops
     grad_eager, per_row_eager = explain(module, x)
     layers = 2 * (2 if kwargs.get("bidirectional") else 1)
     assert calls["backward_chunk"] >= layers  # every layer's backward ran compiled
@@ -199,5 +199,5 @@ def test_the_loops_serve_only_what_they_compile(monkeypatch):
     assert cpu_kernels.enabled(rule, big, cpu_kernels.MAX_ROWS + 2, cpu, torch.float32, None) is False
     projected = rule.weights(torch.randn(32, 3), torch.randn(32, 4), None, None, torch.randn(4, 8))
     assert cpu_kernels.enabled(rule, projected, 2, cpu, torch.float32, None) is False
-    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    monkeypatch.setenv(fused_loops.ENV, "0")
     assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float32, None) is False

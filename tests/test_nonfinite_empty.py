@@ -21,7 +21,7 @@ from torch import nn
 
 import torch_handler
 from torch_handler import DoubledBatchError, NonFiniteError
-from torch_handler.recurrent import cpu_kernels, cpu_loops
+from torch_handler.recurrent import cpu_kernels, cpu_loops, fused_loops
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -93,7 +93,7 @@ ENGINES = _engines()
 @pytest.fixture(params=["compiled", "eager"])
 def loops(request, monkeypatch):
     """Both forward paths of the rule: the compiled CPU loops and the eager torch loops."""
-    monkeypatch.setenv(cpu_kernels.ENV, "1" if request.param == "compiled" else "0")
+    monkeypatch.setenv(fused_loops.ENV, "1" if request.param == "compiled" else "0")
     if request.param == "compiled":
         cpu_loops.load(timeout=300)
     return request.param

@@ -746,23 +746,25 @@ static void NAME(rnn_backward_pairs)(int64_t p0, int64_t p1, int64_t tau, int64_
 /* ------------------------------------------------------------- entry points (ctypes calls) */
 
 /* Each runs its _pairs function on every pair, the pairs split into blocks over `threads`
- * OpenMP threads (torch's own OpenMP runtime where the library links to it: cpu_loops.py). */
+ * OpenMP threads (torch's own OpenMP runtime where the library links to it: cpu_loops.py):
+ * `call` runs once per thread with its pairs p0..p1-1 and its index `thread` in the team. */
 #ifdef _OPENMP
 #define OVER_PAIRS(threads, N, call)                                                          \
     do {                                                                                      \
         const int team_ = (int)((threads) < (N) ? (threads) : (N));                           \
         _Pragma("omp parallel num_threads(team_)")                                            \
         {                                                                                     \
-            const int64_t k_ = omp_get_thread_num(), m_ = omp_get_num_threads();              \
-            const int64_t p0 = (N) * k_ / m_, p1 = (N) * (k_ + 1) / m_;                       \
+            const int64_t thread = omp_get_thread_num(), m_ = omp_get_num_threads();          \
+            const int64_t p0 = (N) * thread / m_, p1 = (N) * (thread + 1) / m_;               \
             call;                                                                             \
         }                                                                                     \
     } while (0)
 #else
 #define OVER_PAIRS(threads, N, call)                                                          \
     do {                                                                                      \
-        const int64_t p0 = 0, p1 = (N);                                                       \
+        const int64_t p0 = 0, p1 = (N), thread = 0;                                           \
         (void)(threads);                                                                      \
+        (void)thread;                                                                         \
         call;                                                                                 \
     } while (0)
 #endif
@@ -856,8 +858,6 @@ void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
                                         with_grad, g_st, g_sb, g_sh, halves));
 }
 
-#undef OVER_PAIRS
-
 /* ------------------------------------------------- the attention rule (float64 only) */
 
 #if MANTISSA == 52
@@ -890,8 +890,8 @@ static inline REAL NAME(rescale_log)(REAL a, REAL r)
 
 /* R_exp(a, r) = (e^a - e^r) / (a - r) = e^hi (1 - e^-d) / d, d = |a - r|, from e_a = e^a and
  * e_r = e^r (no further exponential): the quotient (e^hi - e^lo) / d itself where d >= 1/4
- * (e^lo <= 0.78 e^hi there, so the difference loses at most 3 bits), e^hi times the Taylor
- * series of one_minus_exp_neg_over below; 0 where a - r is NaN (both at -inf). */
+ * (e^lo <= 0.78 e^hi there, so the difference loses at most 3 bits), e^hi times
+ * one_minus_exp_neg_series below; 0 where a - r is NaN (both at -inf). */
 static inline NAME(vec) NAME(rescale_exp)(NAME(vec) a, NAME(vec) r, NAME(vec) e_a, NAME(vec) e_r)
 {
     NAME(vec) d = a - r;
@@ -1090,20 +1090,10 @@ void NAME(sdpa_rule)(int64_t threads, int64_t B, int64_t L, int64_t S, int64_t E
                      REAL *mk, REAL *mv, REAL *work)
 {
     const int64_t w = NAME(sdpa_work)(L, S, E, F);
-#ifdef _OPENMP
-    const int team = (int)(threads < B ? threads : B);
-    _Pragma("omp parallel num_threads(team)")
-    {
-        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        NAME(sdpa_blocks)(B * t / n, B * (t + 1) / n, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv,
-                          work + t * w);
-    }
-#else
-    (void)threads;
-    (void)w;
-    NAME(sdpa_blocks)(0, B, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv, work);
-#endif
+    OVER_PAIRS(threads, B,
+               NAME(sdpa_blocks)(p0, p1, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv, work + thread * w));
 }
+
 /* The softmax rule over the last axis alone (ops/rules/softmax.py's softmax), float64: x and
  * the multipliers m, out (2, R, S), halves first; work: per thread, 2 S numbers (z) + 2 S (e). */
 static void NAME(softmax_rows)(int64_t r0, int64_t r1, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out,
@@ -1123,19 +1113,11 @@ static void NAME(softmax_rows)(int64_t r0, int64_t r1, int64_t R, int64_t S, con
 
 void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out, REAL *work)
 {
-#ifdef _OPENMP
-    const int team = (int)(threads < R ? threads : R);
-    _Pragma("omp parallel num_threads(team)")
-    {
-        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        NAME(softmax_rows)(R * t / n, R * (t + 1) / n, R, S, x, m, out, work + t * 4 * S);
-    }
-#else
-    (void)threads;
-    NAME(softmax_rows)(0, R, R, S, x, m, out, work);
-#endif
+    OVER_PAIRS(threads, R, NAME(softmax_rows)(p0, p1, R, S, x, m, out, work + thread * 4 * S));
 }
 #endif /* MANTISSA == 52 */
+
+#undef OVER_PAIRS
 
 #undef VL
 #undef SPLAT

@@ -4,14 +4,11 @@ a backward chunk's step loop, each one C call, writing into torch tensors."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from torch_handler.recurrent import cpu_loops
-from torch_handler.recurrent.cpu_loops import _KIND, _SUFFIX, _compiled
-from torch_handler.recurrent.fused_loops import ENV
+from torch_handler.recurrent.cpu_loops import _KIND, _SUFFIX
 
 MAX_WEIGHT_BYTES = 1 << 20
 
@@ -40,9 +37,7 @@ def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, 
         return False
     if getattr(rule, "name", None) not in _KIND or getattr(weights, "w_hr", None) is not None:
         return False
-    if os.environ.get(ENV, "1") == "0":
-        return False
-    return _compiled()
+    return cpu_loops.serving(device) is not None
 
 
 def _packed(w: Tensor) -> Tensor:

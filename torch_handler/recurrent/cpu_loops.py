@@ -63,7 +63,7 @@ import torch
 
 from torch_handler.recurrent.fused_loops import ENV
 
-__all__ = ["EXIT_WAIT", "CACHE_ENV", "TIMEOUT_ENV", "wait", "load", "status", "check_cached", "library"]
+__all__ = ["EXIT_WAIT", "CACHE_ENV", "TIMEOUT_ENV", "serving", "wait", "load", "status", "check_cached", "library"]
 
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -163,6 +163,15 @@ def _compiled() -> bool:
             threading.Thread(target=_build, args=(_BUILD,), daemon=True, name="lstm-deepshap-cc").start()
         done = _BUILD.done
     return done.is_set() and _LIBRARY is not None
+
+
+def serving(device: torch.device) -> ctypes.CDLL | None:
+    """The loaded library for tensors on ``device``, or None: not the CPU,
+    ``LSTM_DEEPSHAP_FUSED=0`` (the switch of every compiled path), or not loaded yet (asking
+    starts its build). Every caller that could use the kernels asks here."""
+    if device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not _compiled():
+        return None
+    return _LIBRARY
 
 
 def wait(timeout: float | None = None) -> bool:

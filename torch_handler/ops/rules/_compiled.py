@@ -1,34 +1,20 @@
-"""The op rules' compiled twins: where they serve, and the float64 scratch memory they work in.
+"""The float64 scratch memory of the op rules' compiled twins.
 
 ``torch_handler/recurrent/cpu_kernels.c`` holds, beside the recurrent loops, the attention
 rule (``sdpa_rule_f64``) and the softmax rule over the last axis (``softmax_rule_f64``): the
 same formulas as ops/rules/attention.py and ops/rules/softmax.py, in float64, one row of scores
 at a time. The library is built and loaded by :mod:`torch_handler.recurrent.cpu_loops`
 (compiled once per machine in the background, cached); until it is loaded, and wherever it does
-not serve, the rules run as torch ops, with the same results to rounding
-(``tests/test_attention_kernel.py``).
+not serve (``cpu_loops.serving``), the rules run as torch ops, with the same results to
+rounding (``tests/test_attention_kernel.py``).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 from torch import Tensor
-
-from torch_handler.recurrent import cpu_loops
-from torch_handler.recurrent.fused_loops import ENV
-
-
-def library_for(device: torch.device):
-    """The loaded CPU library for tensors on ``device``, or None: not the CPU, the library not
-    loaded yet (asking starts its build, see :mod:`torch_handler.recurrent.cpu_loops`), or
-    ``LSTM_DEEPSHAP_FUSED=0`` (the switch of every compiled path)."""
-    if device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not cpu_loops._compiled():
-        return None
-    return cpu_loops.library()
-
 
 _SCRATCH = threading.local()
 

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, _reduce_to
-from torch_handler.ops.rules._compiled import library_for, scratch
+from torch_handler.ops.rules._compiled import scratch
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
+from torch_handler.recurrent import cpu_loops
 
 
 def scaled_dot_product_attention(
@@ -30,7 +31,6 @@ def scaled_dot_product_attention(
             "scaled_dot_product_attention rule: dropout_p must be 0 while explaining (put the model in eval() mode)"
         )
     (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
-    q_a64, k_a64, v_a64, q_r64, k_r64, v_r64 = map(_f64, (q_a, k_a, v_a, q_r, k_r, v_r))
     if scale is None:
         scale = 1.0 / math.sqrt(q_a.shape[-1])
     L, S = q_a.shape[-2], k_a.shape[-2]
@@ -49,6 +49,7 @@ def scaled_dot_product_attention(
     compiled = _compiled_rule(m, actual, reference, additive, scale)
     if compiled is not None:
         return compiled
+    q_a64, k_a64, v_a64, q_r64, k_r64, v_r64 = map(_f64, (q_a, k_a, v_a, q_r, k_r, v_r))
 
     def scores(q, k):
         ndim = max(q.ndim, k.ndim)
@@ -85,7 +86,7 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     two agree to rounding: ``tests/test_attention_kernel.py``.
     """
     (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
-    library = library_for(q_a.device)
+    library = cpu_loops.serving(q_a.device)
     if library is None:
         return None
     N, (L, E), (S, F) = q_a.shape[0], q_a.shape[-2:], v_a.shape[-2:]
