@@ -249,12 +249,12 @@ COMPILED_TWINS = ("softmax", "scaled_dot_product_attention")
 @pytest.mark.parametrize("config_index", [i for i, c in enumerate(CONFIGS) if c.op in COMPILED_TWINS],
                          ids=[c.id for c in CONFIGS if c.op in COMPILED_TWINS])
 def test_torch_ops_path_of_a_compiled_rule_agrees_with_the_jax_twin(monkeypatch, config_index, shape_index):
-    from torch_handler.recurrent import cpu_loops
+    from torch_handler.recurrent import cpu_kernels
     from torch_handler.recurrent.fused_loops import ENV
 
-    assert cpu_loops.serving(torch.device("cpu")) is not None  # else the test above ran this path
+    assert cpu_kernels.serving(torch.device("cpu")) is not None  # else the test above ran this path
     monkeypatch.setenv(ENV, "0")
-    assert cpu_loops.serving(torch.device("cpu")) is None
+    assert cpu_kernels.serving(torch.device("cpu")) is None
     test_torch_rule_agrees_with_the_jax_twin(config_index, shape_index)
 
 

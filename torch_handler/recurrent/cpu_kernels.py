@@ -4,11 +4,15 @@ a backward chunk's step loop, each one C call, writing into torch tensors."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 from torch import Tensor
 
 from torch_handler.recurrent import cpu_loops
 from torch_handler.recurrent.cpu_loops import _KIND, _SUFFIX
+from torch_handler.recurrent.fused_loops import ENV
 
 MAX_WEIGHT_BYTES = 1 << 20
 
@@ -28,6 +32,14 @@ outgrow the cache and the batch is large (measured on the 2-core EPYC, two threa
 rows, 0.7-1.0x)."""
 
 
+def serving(device: torch.device) -> ctypes.CDLL | None:
+    """The loaded library for tensors on ``device``; None off the CPU, under
+    ``LSTM_DEEPSHAP_FUSED=0`` or before it has loaded (asking starts its build)."""
+    if device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not cpu_loops._compiled():
+        return None
+    return cpu_loops.library()
+
+
 def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, mask: Tensor | None) -> bool:
     """Whether the compiled loops serve this layer: its forward loop, and its backward's chunk
     factors and step loops (see the module docstring)."""
@@ -37,7 +49,7 @@ def enabled(rule, weights, rows: int, device: torch.device, dtype: torch.dtype, 
         return False
     if getattr(rule, "name", None) not in _KIND or getattr(weights, "w_hr", None) is not None:
         return False
-    return cpu_loops.serving(device) is not None
+    return serving(device) is not None
 
 
 def _packed(w: Tensor) -> Tensor:

@@ -63,7 +63,7 @@ import torch
 
 from torch_handler.recurrent.fused_loops import ENV
 
-__all__ = ["EXIT_WAIT", "CACHE_ENV", "TIMEOUT_ENV", "serving", "wait", "load", "status", "check_cached", "library"]
+__all__ = ["EXIT_WAIT", "CACHE_ENV", "TIMEOUT_ENV", "wait", "load", "status", "check_cached", "library"]
 
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -163,15 +163,6 @@ def _compiled() -> bool:
             threading.Thread(target=_build, args=(_BUILD,), daemon=True, name="lstm-deepshap-cc").start()
         done = _BUILD.done
     return done.is_set() and _LIBRARY is not None
-
-
-def serving(device: torch.device) -> ctypes.CDLL | None:
-    """The loaded library for tensors on ``device``, or None: not the CPU,
-    ``LSTM_DEEPSHAP_FUSED=0`` (the switch of every compiled path), or not loaded yet (asking
-    starts its build). Every caller that could use the kernels asks here."""
-    if device.type != "cpu" or os.environ.get(ENV, "1") == "0" or not _compiled():
-        return None
-    return _LIBRARY
 
 
 def wait(timeout: float | None = None) -> bool:
@@ -591,11 +582,10 @@ def _declare(library: ctypes.CDLL) -> None:
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad + [i64],
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
-    # The attention and softmax rules' kernels (float64 only; torch_handler/ops/rules/_compiled.py).
-    library.sdpa_work_f64.argtypes, library.sdpa_work_f64.restype = [i64] * 4, i64
-    library.sdpa_rule_f64.argtypes = [i64] * 6 + [ctypes.c_double] + [ptr] * 9
-    library.sdpa_rule_f64.restype = None
-    library.softmax_rule_f64.argtypes, library.softmax_rule_f64.restype = [i64] * 3 + [ptr] * 4, None
+    ops = {"sdpa_work_f64": ([i64] * 4, i64), "sdpa_rule_f64": ([i64] * 6 + [ctypes.c_double] + [ptr] * 9, None),
+           "softmax_rule_f64": ([i64] * 3 + [ptr] * 4, None)}  # the op rules' kernels (float64 only)
+    for name, (argtypes, restype) in ops.items():
+        getattr(library, name).argtypes, getattr(library, name).restype = argtypes, restype
     for suffix in _SUFFIX.values():
         for name, argtypes in signatures.items():
             function = getattr(library, f"{name}_{suffix}")

@@ -5,7 +5,7 @@ rule (``sdpa_rule_f64``) and the softmax rule over the last axis (``softmax_rule
 same formulas as ops/rules/attention.py and ops/rules/softmax.py, in float64, one row of scores
 at a time. The library is built and loaded by :mod:`torch_handler.recurrent.cpu_loops`
 (compiled once per machine in the background, cached); until it is loaded, and wherever it does
-not serve (``cpu_loops.serving``), the rules run as torch ops, with the same results to
+not serve (``cpu_kernels.serving``), the rules run as torch ops, with the same results to
 rounding (``tests/test_attention_kernel.py``).
 """
 

@@ -11,7 +11,7 @@ from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, 
 from torch_handler.ops.rules._compiled import scratch
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
-from torch_handler.recurrent import cpu_loops
+from torch_handler.recurrent import cpu_kernels
 
 
 def scaled_dot_product_attention(
@@ -86,7 +86,7 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     two agree to rounding: ``tests/test_attention_kernel.py``.
     """
     (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
-    library = cpu_loops.serving(q_a.device)
+    library = cpu_kernels.serving(q_a.device)
     if library is None:
         return None
     N, (L, E), (S, F) = q_a.shape[0], q_a.shape[-2:], v_a.shape[-2:]

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
 from torch_handler.ops.rules._compiled import scratch
 from torch_handler.ops.rules.unary import _rescale_exp, _rescale_log
-from torch_handler.recurrent import cpu_loops
+from torch_handler.recurrent import cpu_kernels
 
 
 def _shift(x_a: Tensor, x_r: Tensor, dims) -> Tensor:
@@ -69,12 +69,12 @@ def softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
 def _compiled_softmax(m: Tensor, x_a: Tensor, x_r: Tensor, dim: int) -> Tensor | None:
     """The softmax rule in one call of the compiled CPU library (``softmax_rule_f64``: the same
     formulas in float64, a row at a time, the Rescale factors of exp from the exponentials it
-    already has), or None where it does not serve (see ``cpu_loops.serving``; an empty tensor).
+    already has), or None where it does not serve (see ``cpu_kernels.serving``; an empty tensor).
 
     Why: as torch ops the rule is some twenty float64 passes over the logits, each a fresh
     allocation; attention scores of a few hundred pairs make them MBs each.
     """
-    library = cpu_loops.serving(x_a.device)
+    library = cpu_kernels.serving(x_a.device)
     if library is None or x_a.numel() == 0:
         return None
     moved = x_a.movedim(dim, -1).shape
