@@ -29,11 +29,14 @@ from torch_handler.recurrent import cpu_loops, fused_loops
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, time, warnings
+    import json, os, sys, time, warnings
     import torch
     from torch import nn
     import torch_handler
-    from torch_handler.recurrent import cpu_kernels, cpu_loops
+    from torch_handler.recurrent import compiler_process, cpu_kernels, cpu_loops
+
+    if "TEST_BACKGROUND_SECONDS" in os.environ:
+        compiler_process.BACKGROUND_SECONDS = float(os.environ["TEST_BACKGROUND_SECONDS"])
 
     torch.set_num_threads(1)
     mode = sys.argv[1]
@@ -325,6 +328,59 @@ def test_a_compiler_dies_with_a_killed_process(tmp_path):
         child.send_signal(signal.SIGKILL)  # no atexit: only the kernel can end the compiler
         child.communicate(timeout=60)
     assert wait_gone([compiler]) == []
+
+
+def recording_compiler(tmp_path: Path, when_niced: str) -> tuple[Path, Path]:
+    """A `cc` that records /proc/<pid>/stat of itself and of its parent (the Python process),
+    then runs ``when_niced`` if its nice value is 19, else the real compiler."""
+    log, script = tmp_path / "stats", tmp_path / "recording-cc"
+    real = shutil.which("gcc") or shutil.which("cc")
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        read -r own < /proc/$$/stat
+        read -r parent < /proc/$PPID/stat
+        echo "$own|$parent" >> "{log}"
+        nice=$(echo "$own" | sed 's/.*) //' | cut -d' ' -f17)
+        if [ "$nice" = 19 ]; then {when_niced}; fi
+        exec "{real}" "$@"
+        """))
+    script.chmod(0o755)
+    return script, log
+
+
+def stat_fields(line: str) -> dict:
+    """pid, nice, process group and session of one /proc/<pid>/stat line."""
+    pid, rest = line.split(" (", 1)
+    fields = rest.rsplit(") ", 1)[1].split()
+    return {"pid": int(pid), "pgrp": int(fields[2]), "session": int(fields[3]), "nice": int(fields[16])}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_compiler_runs_at_the_lowest_priority_in_its_own_group_but_this_session(tmp_path):
+    """Why (torch_handler/recurrent/compiler_process.py): a session of its own would give the
+    compiler a scheduling group of its own, an equal share of the CPU whatever its nice value,
+    and torch's intra-op threads would spin at every op of the first explanations."""
+    script, log = recording_compiler(tmp_path, when_niced=":")
+    assert_served(run_child(tmp_path / "cache", CC=str(script)), "compiled")
+    starts = [tuple(stat_fields(part) for part in line.split("|")) for line in log.read_text().splitlines()]
+    assert len(starts) >= 3  # the --version and -march=native queries, the compilation
+    for own, parent in starts:
+        assert own["nice"] == 19 and parent["nice"] == 0
+        assert own["pgrp"] == own["pid"] != parent["pgrp"]  # a group of its own: killed as one
+        assert own["session"] == parent["session"]  # the same session (and scheduling group)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_compiler_starved_at_the_lowest_priority_is_restarted_at_normal_priority(tmp_path):
+    """A process keeping every core busy leaves a nice-19 compiler no cycles: after
+    BACKGROUND_SECONDS it runs again at normal priority (here the niced one hangs)."""
+    script, log = recording_compiler(tmp_path, when_niced="exec sleep 600")
+    report = run_child(tmp_path / "cache", CC=str(script), TEST_BACKGROUND_SECONDS="2")
+    assert_served(report, "compiled")
+    assert report["warnings"] == []
+    starts = [stat_fields(line.split("|")[0]) for line in log.read_text().splitlines()]
+    assert [s["nice"] for s in starts[:2]] == [19, 0] and {s["nice"] for s in starts[2:]} == {0}
+    assert wait_gone([starts[0]["pid"]]) == []  # the starved one was killed
 
 
 def test_cc_with_flags_is_honoured_and_keys_the_cache(tmp_path):

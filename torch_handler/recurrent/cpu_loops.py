@@ -25,8 +25,10 @@ it is a regular file (no symlink), this user's (or root's), not writable by othe
 bytes match the trailer; the verified bytes are loaded from memory, so nothing done to the file
 afterwards reaches this process. Anything else is rebuilt in its place. An unwritable cache
 folder gives way to a private temporary one (removed at once; one warning). The compiler runs
-in its own process group, with a deadline (``$LSTM_DEEPSHAP_CC_TIMEOUT``, 300 s) and, on Linux,
-dies with this process; at exit a build under way gets up to :data:`EXIT_WAIT` s to publish.
+in its own process group, at the lowest priority first
+(:mod:`torch_handler.recurrent.compiler_process` says why), with a deadline
+(``$LSTM_DEEPSHAP_CC_TIMEOUT``, 300 s) and, on Linux, dies with this process; at exit a build
+under way gets up to :data:`EXIT_WAIT` s to publish.
 Without a C compiler, or if building fails (one warning naming the cause and a fix), the eager
 loops serve every call: the same rule, the same results to rounding. ``docs/compiled-loops.md``
 says more.
@@ -49,10 +51,8 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -61,6 +61,11 @@ from pathlib import Path
 
 import torch
 
+from torch_handler.recurrent import compiler_process
+from torch_handler.recurrent.compiler_process import TIMEOUT_ENV
+from torch_handler.recurrent.compiler_process import BuildError as _BuildError
+from torch_handler.recurrent.compiler_process import kill as _kill
+from torch_handler.recurrent.compiler_process import run as _run
 from torch_handler.recurrent.fused_loops import ENV
 
 __all__ = ["EXIT_WAIT", "CACHE_ENV", "TIMEOUT_ENV", "wait", "load", "status", "check_cached", "library"]
@@ -86,10 +91,6 @@ _KIND = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn"}
 
 
 CACHE_ENV = "LSTM_DEEPSHAP_CACHE"
-
-
-TIMEOUT_ENV = "LSTM_DEEPSHAP_CC_TIMEOUT"
-"""Seconds the whole build (compiler queries and every compile attempt) may take; 300 unless set."""
 
 
 EXIT_WAIT = 60.0
@@ -125,6 +126,7 @@ class _Build:
         self.done = threading.Event()
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
+        self.background_until = time.monotonic() + compiler_process.BACKGROUND_SECONDS
         self.pid = os.getpid()
         self.process: subprocess.Popen | None = None  # the compiler now running, if any
         self.stopping = False  # set at exit: the build is abandoned, silently
@@ -134,14 +136,6 @@ class _Build:
         self.rejected: str | None = None  # why a cached file was not loaded (then rebuilt)
         self.warning: str | None = None
         self.command: list[str] | None = None  # the compile command, when built by this process
-
-
-class _BuildError(Exception):
-    """A failure with its cause and a fix, reported once as a warning."""
-
-    def __init__(self, cause: str, fix: str):
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 class _Unwritable(Exception):
@@ -231,68 +225,6 @@ def _cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lstm-deepshap"
-
-
-def _die_with_parent():
-    """A ``preexec_fn`` making the compiler get SIGKILL when this process dies (Linux), or None.
-    Resolved here, before any fork, so the child only makes one foreign call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes, prctl.restype = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong], \
-        ctypes.c_int
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return arm
-
-
-def _kill(process: subprocess.Popen | None) -> None:
-    """SIGKILL the compiler's whole process group (it runs in a session of its own)."""
-    if process is None or process.poll() is not None:
-        return
-    if hasattr(os, "killpg"):
-        with contextlib.suppress(OSError):
-            os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        process.kill()
-
-
-def _run(build: _Build, command: list[str]) -> subprocess.CompletedProcess:
-    """Run one compiler command within the build's deadline; past it, kill its process group."""
-    remaining = build.deadline - time.monotonic()
-    timeout_fix = (f"set {TIMEOUT_ENV} to more seconds (now {build.timeout:g}), or set CC to a compiler "
-                   "that works")
-    if build.stopping or not remaining > 0:
-        raise _BuildError(f"the build did not finish within {TIMEOUT_ENV}={build.timeout:g} s", timeout_fix)
-    options = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                   errors="replace", start_new_session=True)
-    try:
-        process = subprocess.Popen(command, preexec_fn=_die_with_parent(), **options)
-    except RuntimeError:
-        # Python 3.12 refuses a preexec_fn once the interpreter is shutting down (atexit runs
-        # while this build finishes, see _at_exit), sys.is_finalizing() still False. Started
-        # without it, the compiler is still in its own session and _at_exit kills its group.
-        process = subprocess.Popen(command, **options)
-    build.process = process
-    try:
-        out, err = process.communicate(timeout=remaining)
-    except subprocess.TimeoutExpired:
-        _kill(process)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.communicate(timeout=5)
-        raise _BuildError(f"{Path(command[0]).name} did not finish within {TIMEOUT_ENV}={build.timeout:g} s "
-                          f"({shlex.join(command[:3])} ...)", timeout_fix) from None
-    finally:
-        build.process = None
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def _cpu_features(build: _Build, cc: list[str]) -> str:
