@@ -1115,6 +1115,65 @@ void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, co
 {
     OVER_PAIRS(threads, R, NAME(softmax_rows)(p0, p1, R, S, x, m, out, work + thread * 4 * S));
 }
+
+/* The layer_norm / rms_norm rule over rows of n numbers (ops/rules/norms.py's layer_norm and
+ * rms_norm, read their docstrings for the rule), float64: u = x - mean(x) (layer_norm; u = x for
+ * rms_norm), v = mean(u²) + eps, y = u rsqrt(v) weight. Per half h and row:
+ * m_y0 = m weight; m_s = Σ m_y0 (u_a + u_r) / 2; m_v = m_s R_rsqrt(v_a, v_r);
+ * m_u = m_y0 (rsqrt(v_a) + rsqrt(v_r)) / 2 + (m_v / n) (u_a + u_r); layer_norm m_x = m_u - mean(m_u).
+ * Why: as torch ops the rule is some thirty float64 passes over (2, rows, n), each a fresh
+ * allocation, for a few hundred numbers per row; here a row's numbers stay in the cache.
+ * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, 2 n numbers (u). */
+static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x,
+                            const REAL *m, const REAL *weight, REAL *out, REAL *work)
+{
+    REAL *u[2] = {work, work + n};
+    for (int64_t r = r0; r < r1; ++r) {
+        REAL v[2], m_s[2] = {0, 0};
+        for (int64_t h = 0; h < 2; ++h) {
+            const REAL *xr = x + (h * R + r) * n;
+            const REAL mean = centre ? NAME(total)(xr, n) / (REAL)n : 0;
+            for (int64_t j = 0; j < n; ++j)
+                u[h][j] = xr[j] - mean;
+            REAL squares = 0;
+            for (int64_t j = 0; j < n; ++j)
+                squares += u[h][j] * u[h][j];
+            v[h] = squares / (REAL)n + eps;
+        }
+        for (int64_t h = 0; h < 2; ++h) {
+            const REAL *mr = m + (h * R + r) * n;
+            REAL *o = out + (h * R + r) * n;
+            for (int64_t j = 0; j < n; ++j) {
+                o[j] = weight ? mr[j] * weight[j] : mr[j]; /* m_y0 */
+                m_s[h] += o[j] * ((u[0][j] + u[1][j]) * 0.5);
+            }
+        }
+        const REAL sa = sqrt(v[0]), sr = sqrt(v[1]);
+        const REAL r_rsqrt = -1.0 / (sa * sr * (sa + sr)), s_mean = (1 / sa + 1 / sr) * 0.5;
+        for (int64_t h = 0; h < 2; ++h) {
+            REAL *o = out + (h * R + r) * n;
+            const REAL m_v = m_s[h] * r_rsqrt / (REAL)n;
+            for (int64_t j = 0; j < n; ++j)
+                o[j] = o[j] * s_mean + m_v * (u[0][j] + u[1][j]);
+            if (centre) {
+                const REAL mean = NAME(total)(o, n) / (REAL)n;
+                for (int64_t j = 0; j < n; ++j)
+                    o[j] -= mean;
+            }
+        }
+    }
+}
+
+int64_t NAME(norm_work)(int64_t n)
+{
+    return 2 * n;
+}
+
+void NAME(norm_rule)(int64_t threads, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x, const REAL *m,
+                     const REAL *weight, REAL *out, REAL *work)
+{
+    OVER_PAIRS(threads, R, NAME(norm_rows)(p0, p1, R, n, centre, eps, x, m, weight, out, work + thread * 2 * n));
+}
 #endif /* MANTISSA == 52 */
 
 #undef OVER_PAIRS
