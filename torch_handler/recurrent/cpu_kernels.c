@@ -231,7 +231,8 @@ static inline NAME(vec) NAME(exp)(NAME(vec) x)
     const REAL log2e = (REAL)1.4426950408889634073599;
     x = SELECT(x < lo, SPLAT(lo), x);
     x = SELECT(x > hi, SPLAT(hi), x);
-    NAME(vec) n = (x * log2e + round) - round;
+    const NAME(vec) shifted = x * log2e + round; /* round + n exactly: n in its low mantissa bits */
+    NAME(vec) n = shifted - round;
     NAME(vec) r = (x - n * ln2_hi) - n * ln2_lo;
 #if MANTISSA == 23
     NAME(vec) p = SPLAT(1.9875691500e-4f);
@@ -249,7 +250,9 @@ static inline NAME(vec) NAME(exp)(NAME(vec) x)
                           + 2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
     NAME(vec) e = 1.0 + 2.0 * (px / (qx - px));
 #endif
-    NAME(ivec) bits = (__builtin_convertvector(n, NAME(ivec)) + EXP_BIAS) << MANTISSA;
+    /* 2^n from those bits: a packed double -> int64 conversion has no AVX2 instruction (the
+     * compiler converted lane by lane, a third of the attention kernel's time). */
+    NAME(ivec) bits = ((NAME(ivec))shifted - (NAME(ivec))SPLAT(round) + EXP_BIAS) << MANTISSA;
     return e * (NAME(vec))bits;
 }
 
@@ -918,7 +921,9 @@ static inline REAL NAME(total)(const REAL *x, int64_t n)
 /* out[0:cols] = sum_t<n coef[t * step] mat[t * ld + 0:cols]: a row times a matrix, summed in
  * registers (a sum through memory would wait on its own stores at every t) by four
  * independent chains of FMAs (one chain waits on its FMA's latency at every t): four vectors
- * of columns at a time, then two vectors at a time with even and odd t apart, then one. */
+ * of columns at a time, then two with even and odd t apart, then one (the last maybe partial).
+ * Whole vectors are loaded with the constant length VL: a length known only at run time kept
+ * the loads out of the FMAs (measured: most of the attention kernel's products). */
 static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef, int64_t n, int64_t step,
                                    const REAL *restrict mat, int64_t ld, int64_t cols)
 {
@@ -937,29 +942,37 @@ static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef
         NAME(store)(out + c + 2 * VL, a2, VL);
         NAME(store)(out + c + 3 * VL, a3, VL);
     }
-    for (; c < cols; c += 2 * VL) {
-        const int64_t n1 = cols - c < VL ? cols - c : VL, n2 = cols - c - VL < VL ? cols - c - VL : VL;
+    for (; c + 2 * VL <= cols; c += 2 * VL) {
         NAME(vec) a0 = SPLAT(0), a1 = SPLAT(0), a2 = SPLAT(0), a3 = SPLAT(0);
         int64_t t = 0;
         for (; t + 1 < n; t += 2) {
             const REAL w0 = coef[t * step], w1 = coef[(t + 1) * step];
             const REAL *p0 = mat + t * ld + c, *p1 = p0 + ld;
-            a0 += w0 * NAME(load)(p0, n1);
-            a2 += w1 * NAME(load)(p1, n1);
-            if (n2 > 0) {
-                a1 += w0 * NAME(load)(p0 + VL, n2);
-                a3 += w1 * NAME(load)(p1 + VL, n2);
-            }
+            a0 += w0 * NAME(load)(p0, VL);
+            a1 += w0 * NAME(load)(p0 + VL, VL);
+            a2 += w1 * NAME(load)(p1, VL);
+            a3 += w1 * NAME(load)(p1 + VL, VL);
         }
         if (t < n) {
             const REAL w0 = coef[t * step], *p0 = mat + t * ld + c;
-            a0 += w0 * NAME(load)(p0, n1);
-            if (n2 > 0)
-                a1 += w0 * NAME(load)(p0 + VL, n2);
+            a0 += w0 * NAME(load)(p0, VL);
+            a1 += w0 * NAME(load)(p0 + VL, VL);
         }
-        NAME(store)(out + c, a0 + a2, n1);
-        if (n2 > 0)
-            NAME(store)(out + c + VL, a1 + a3, n2);
+        NAME(store)(out + c, a0 + a2, VL);
+        NAME(store)(out + c + VL, a1 + a3, VL);
+    }
+    for (; c < cols; c += VL) {
+        const int64_t m = cols - c < VL ? cols - c : VL;
+        NAME(vec) a0 = SPLAT(0), a1 = SPLAT(0);
+        int64_t t = 0;
+        if (m == VL)
+            for (; t + 1 < n; t += 2) {
+                a0 += coef[t * step] * NAME(load)(mat + t * ld + c, VL);
+                a1 += coef[(t + 1) * step] * NAME(load)(mat + (t + 1) * ld + c, VL);
+            }
+        for (; t < n; ++t)
+            a0 += coef[t * step] * NAME(load)(mat + t * ld + c, m);
+        NAME(store)(out + c, a0 + a1, m);
     }
 }
 
@@ -1123,38 +1136,50 @@ void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, co
  * m_u = m_y0 (rsqrt(v_a) + rsqrt(v_r)) / 2 + (m_v / n) (u_a + u_r); layer_norm m_x = m_u - mean(m_u).
  * Why: as torch ops the rule is some thirty float64 passes over (2, rows, n), each a fresh
  * allocation, for a few hundred numbers per row; here a row's numbers stay in the cache.
- * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, 2 n numbers (u). */
+ * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, norm_work numbers. */
+/* a[0] b[0] + ... + a[n-1] b[n-1], a vector of partial sums at a time (as total). */
+static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
+{
+    NAME(vec) acc = SPLAT(0);
+    for (int64_t j = 0; j < n; j += VL) {
+        const int64_t m = n - j < VL ? n - j : VL;
+        acc += NAME(load)(a + j, m) * NAME(load)(b + j, m);
+    }
+    REAL t = 0;
+    for (int64_t l = 0; l < VL; ++l)
+        t += acc[l];
+    return t;
+}
+
 static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x,
                             const REAL *m, const REAL *weight, REAL *out, REAL *work)
 {
-    REAL *u[2] = {work, work + n};
+    REAL *u[2] = {work, work + n}, *restrict both = work + 2 * n; /* both = u_a + u_r */
     for (int64_t r = r0; r < r1; ++r) {
-        REAL v[2], m_s[2] = {0, 0};
+        REAL v[2];
         for (int64_t h = 0; h < 2; ++h) {
-            const REAL *xr = x + (h * R + r) * n;
+            const REAL *restrict xr = x + (h * R + r) * n;
+            REAL *restrict uh = u[h];
             const REAL mean = centre ? NAME(total)(xr, n) / (REAL)n : 0;
             for (int64_t j = 0; j < n; ++j)
-                u[h][j] = xr[j] - mean;
-            REAL squares = 0;
-            for (int64_t j = 0; j < n; ++j)
-                squares += u[h][j] * u[h][j];
-            v[h] = squares / (REAL)n + eps;
+                uh[j] = xr[j] - mean;
+            v[h] = NAME(dot)(uh, uh, n) / (REAL)n + eps;
         }
-        for (int64_t h = 0; h < 2; ++h) {
-            const REAL *mr = m + (h * R + r) * n;
-            REAL *o = out + (h * R + r) * n;
-            for (int64_t j = 0; j < n; ++j) {
-                o[j] = weight ? mr[j] * weight[j] : mr[j]; /* m_y0 */
-                m_s[h] += o[j] * ((u[0][j] + u[1][j]) * 0.5);
-            }
-        }
+        for (int64_t j = 0; j < n; ++j)
+            both[j] = u[0][j] + u[1][j];
         const REAL sa = sqrt(v[0]), sr = sqrt(v[1]);
         const REAL r_rsqrt = -1.0 / (sa * sr * (sa + sr)), s_mean = (1 / sa + 1 / sr) * 0.5;
         for (int64_t h = 0; h < 2; ++h) {
-            REAL *o = out + (h * R + r) * n;
-            const REAL m_v = m_s[h] * r_rsqrt / (REAL)n;
+            const REAL *restrict mr = m + (h * R + r) * n;
+            REAL *restrict o = out + (h * R + r) * n;
+            if (weight)
+                for (int64_t j = 0; j < n; ++j)
+                    o[j] = mr[j] * weight[j]; /* m_y0 */
+            else
+                memcpy(o, mr, (size_t)n * sizeof(REAL));
+            const REAL m_v = NAME(dot)(o, both, n) * 0.5 * r_rsqrt / (REAL)n;
             for (int64_t j = 0; j < n; ++j)
-                o[j] = o[j] * s_mean + m_v * (u[0][j] + u[1][j]);
+                o[j] = o[j] * s_mean + m_v * both[j];
             if (centre) {
                 const REAL mean = NAME(total)(o, n) / (REAL)n;
                 for (int64_t j = 0; j < n; ++j)
@@ -1166,13 +1191,13 @@ static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_
 
 int64_t NAME(norm_work)(int64_t n)
 {
-    return 2 * n;
+    return 3 * n;
 }
 
 void NAME(norm_rule)(int64_t threads, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x, const REAL *m,
                      const REAL *weight, REAL *out, REAL *work)
 {
-    OVER_PAIRS(threads, R, NAME(norm_rows)(p0, p1, R, n, centre, eps, x, m, weight, out, work + thread * 2 * n));
+    OVER_PAIRS(threads, R, NAME(norm_rows)(p0, p1, R, n, centre, eps, x, m, weight, out, work + thread * 3 * n));
 }
 #endif /* MANTISSA == 52 */
 
