@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from torch_handler.errors import DoubledBatchError, UnsupportedOpError, UnsupportedOpWarning
 from torch_handler.ops.interception import batch_axis as ba
 from torch_handler.ops.interception._shared import UNKNOWN, _flat, _inplace, _tensors
 from torch_handler.ops.interception.batch_axis import Axis
 from torch_handler.ops.interception.rows import _rows_by_index
+from torch_handler.ops.interception.tensor_map import TensorMap
 from torch_handler.ops.interception.tracking import (
     TRACKED,
     _halves_equal,
@@ -60,22 +60,22 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         self.explanation = explanation
         self.rules = OP_RULES  # op name -> rule; the handlers look rules up here
         self.paused = 0
-        self.axes = WeakTensorKeyDictionary()
-        self.seeds = WeakTensorKeyDictionary()
+        self.axes = TensorMap()
+        self.seeds = TensorMap()
         for a in root_args:
             for t in a if isinstance(a, (tuple, list)) else (a,):
                 if isinstance(t, Tensor):
                     self.seeds[t] = True
         self._reaches: dict = {}
         self.by_node: dict = {}
-        self.packed_outputs = WeakTensorKeyDictionary()  # recurrent PackedSequence.data -> order
-        self.sorted_rows = WeakTensorKeyDictionary()  # padded in sorted order -> (dim, unsorted)
-        self.packed_order = WeakTensorKeyDictionary()  # data packed sorted by _pack_padded -> order
+        self.packed_outputs = TensorMap()  # recurrent PackedSequence.data -> order
+        self.sorted_rows = TensorMap()  # padded in sorted order -> (dim, unsorted)
+        self.packed_order = TensorMap()  # data packed sorted by _pack_padded -> order
         # Input-dependent tensors without a gradient (masks, indices, integer casts) -> the op
         # that made one from the input, ("gt", "MaskedMean.forward").
-        self.constants = WeakTensorKeyDictionary()
-        self.halves_differ = WeakTensorKeyDictionary()  # constant -> (its _version, differs?)
-        self.lost = WeakTensorKeyDictionary()  # tensor whose batch place is not known -> the op that lost it
+        self.constants = TensorMap()
+        self.halves_differ = TensorMap()  # constant -> (its _version, differs?)
+        self.lost = TensorMap()  # tensor whose batch place is not known -> the op that lost it
 
     # -- tracking ---------------------------------------------------------------------------
 
