@@ -26,7 +26,8 @@ the compiled loops are built).
 
 MultiheadAttention's interception: forward+backward of the doubled batch (``--mha-rows``
 inputs + as many references) of the ``mha`` model with the recurrent rules only (interception switched off,
-as in ``benchmarks/whole_models.py``) against the full ``deeplift_mode``.
+as in ``benchmarks/whole_models.py``) against the full ``deeplift_mode``; median of ten times
+``--repeats`` interleaved steps (at least 50).
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ def run(out="out", repeats: int = 9, seed: int = 0, quick: bool = False, first: 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mt = common.interleaved_times(mha_fns(mha_rows, seed), repeats, 2, torch.device("cpu"))
+        # A step takes 10-20 ms, the engines' calls 10-500 ms: ten times their repeats (at least
+        # 50) give a median as steady as theirs on a shared VM.
+        mt = common.interleaved_times(mha_fns(mha_rows, seed), max(10 * repeats, 50), 5, torch.device("cpu"))
     m = {k: 1e3 * common.median(v) for k, v in mt.items()}
     mha = {"native (ms)": m["native"], "recurrent rules only (ms)": m["recurrent only"],
            "deeplift_mode (ms)": m["deeplift_mode"],

@@ -1199,6 +1199,40 @@ void NAME(norm_rule)(int64_t threads, int64_t R, int64_t n, int64_t centre, REAL
 {
     OVER_PAIRS(threads, R, NAME(norm_rows)(p0, p1, R, n, centre, eps, x, m, weight, out, work + thread * 3 * n));
 }
+
+/* gelu's rule (approximate="none"), ops/rules/unary.py's _rescale_gelu and _rescale_normal_cdf
+ * (read them for the rule): m_x = m R with R = mean(Φ(a), Φ(r)) + mean(a, r) R_Φ(a, r), R_Φ the
+ * midpoint series where d (1 + |mid|) < 1e-2, else the difference quotient of the smaller tail.
+ * Why: as torch ops the rule is some thirty passes (six erfc among them) over a few thousand
+ * numbers, each a dispatch and a fresh allocation; here one pass, and the lower tail's erfc
+ * values are Φ's own. a, r (n), m, out (2, n), halves first. */
+static void NAME(gelu_range)(int64_t i0, int64_t i1, int64_t n, const REAL *a, const REAL *r, const REAL *m,
+                             REAL *out)
+{
+    const REAL s = 0.70710678118654752440, inv_sqrt_2pi = 0.39894228040143267794;
+    for (int64_t i = i0; i < i1; ++i) {
+        const REAL xa = a[i], xr = r[i], lo = xa < xr ? xa : xr, hi = xa < xr ? xr : xa, d = hi - lo;
+        const REAL mid = (xa + xr) * 0.5, cdf_a = 0.5 * erfc(-xa * s), cdf_r = 0.5 * erfc(-xr * s);
+        REAL r_phi;
+        if (d * (1 + fabs(mid)) < 1e-2) {
+            const REAL m2 = mid * mid, d2 = d * d;
+            r_phi = exp(-0.5 * m2) * inv_sqrt_2pi * (1 + (m2 - 1) * d2 / 24 + (m2 * m2 - 6 * m2 + 3) * (d2 * d2) / 1920);
+        } else if (mid > 0) {
+            r_phi = (erfc(lo * s) - erfc(hi * s)) * 0.5 / d;
+        } else {
+            /* (erfc(-hi/√2) - erfc(-lo/√2)) / 2 = Φ(hi) - Φ(lo), halving being exact */
+            r_phi = (xa < xr ? cdf_r - cdf_a : cdf_a - cdf_r) / d;
+        }
+        const REAL factor = (cdf_a + cdf_r) * 0.5 + (xa + xr) * 0.5 * r_phi;
+        out[i] = m[i] * factor;
+        out[n + i] = m[n + i] * factor;
+    }
+}
+
+void NAME(gelu_rule)(int64_t threads, int64_t n, const REAL *a, const REAL *r, const REAL *m, REAL *out)
+{
+    OVER_PAIRS(threads, n, NAME(gelu_range)(p0, p1, n, a, r, m, out));
+}
 #endif /* MANTISSA == 52 */
 
 #undef OVER_PAIRS
