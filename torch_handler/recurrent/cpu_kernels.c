@@ -981,10 +981,20 @@ static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef
  * every logit is -inf), e[h] = exp(z) (0 below e^-708, so exactly 0 at -inf) and sum[h] = Σe. */
 static inline void NAME(softmax_exp)(int64_t S, REAL *const z[2], REAL *const e[2], REAL sum[2])
 {
+    /* The max a vector at a time (a scalar max waits on the previous comparison at every j). */
+    NAME(vec) best = SPLAT(-INFINITY);
     REAL c = -INFINITY;
-    for (int64_t h = 0; h < 2; ++h)
-        for (int64_t j = 0; j < S; ++j)
+    for (int64_t h = 0; h < 2; ++h) {
+        int64_t j = 0;
+        for (; j + VL <= S; j += VL) {
+            const NAME(vec) x = NAME(load)(z[h] + j, VL);
+            best = SELECT(x > best, x, best);
+        }
+        for (; j < S; ++j)
             c = z[h][j] > c ? z[h][j] : c;
+    }
+    for (int64_t l = 0; l < VL; ++l)
+        c = best[l] > c ? best[l] : c;
     if (!(c > -INFINITY && c < INFINITY))
         c = 0;
     for (int64_t h = 0; h < 2; ++h) {
