@@ -1,6 +1,7 @@
 """The C compiler as a background process of the build (:mod:`torch_handler.recurrent.cpu_loops`):
-each command runs within the build's deadline, at the lowest CPU priority first, in a process
-group of its own (killed as a whole), and on Linux dies with this process.
+each command runs within the build's deadline, in a process group of its own (killed as a
+whole), and on Linux dies with this process; a compilation runs at the lowest CPU priority
+first (the short queries that key the cache at normal priority: a cached library loads at once).
 
 Why the lowest priority, in this process's scheduling group: the build runs while the first
 explanations run on the eager loops, and torch's intra-op threads (OpenMP) wait for each other
@@ -15,7 +16,9 @@ Why a time limit on that: at nice 19 the compiler gets only the cycles this proc
 a process keeping every core busy (a long ``deep_shap`` job) left it under 1 % (over 120 s for a
 2 s build, all of it on the eager loops). So a command still running after
 :data:`BACKGROUND_SECONDS` of the build is restarted at normal priority and finishes within
-seconds, sharing the cores fairly.
+seconds, sharing the cores fairly. The cache key's queries (``--version``, the macros of
+``-march=native``) take some 50 ms and run at normal priority: at nice 19 in a busy process they
+held a cached library back for those 10 s.
 """
 
 from __future__ import annotations
@@ -104,11 +107,13 @@ def _start(command: list[str], background: bool) -> subprocess.Popen:
         return subprocess.Popen(command, **options)
 
 
-def run(build, command: list[str]) -> subprocess.CompletedProcess:
-    """Run one compiler command within ``build.deadline`` (at the lowest priority until
-    ``build.background_until``, then at normal priority); past the deadline, kill its process
-    group and raise :class:`BuildError`. ``build.process`` holds the command while it runs (the
-    exit handler kills it) and ``build.stopping`` abandons the build."""
+def run(build, command: list[str], background: bool = True) -> subprocess.CompletedProcess:
+    """Run one compiler command within ``build.deadline``, at the lowest priority until
+    ``build.background_until`` where ``background`` (a compilation; the short queries that key
+    the cache run at normal priority, so that a cached library loads at once in a busy
+    process), else at normal priority; past the deadline, kill its process group and raise
+    :class:`BuildError`. ``build.process`` holds the command while it runs (the exit handler
+    kills it) and ``build.stopping`` abandons the build."""
     timeout_fix = (f"set {TIMEOUT_ENV} to more seconds (now {build.timeout:g}), or set CC to a compiler "
                    "that works")
     while True:
@@ -116,7 +121,7 @@ def run(build, command: list[str]) -> subprocess.CompletedProcess:
         remaining = build.deadline - now
         if build.stopping or not remaining > 0:
             raise BuildError(f"the build did not finish within {TIMEOUT_ENV}={build.timeout:g} s", timeout_fix)
-        background = now < build.background_until
+        background = background and now < build.background_until
         process = build.process = _start(command, background)
         try:
             out, err = process.communicate(timeout=min(remaining, build.background_until - now)

@@ -231,7 +231,7 @@ def _cpu_features(build: _Build, cc: list[str]) -> str:
     """What ``-march=native`` resolves to (the compiler's predefined macros: __AVX2__, ...) and
     the CPU's flags: ``-march=native`` code runs only on CPUs with the same instruction sets (a
     cache on a shared home directory may be read from several machines)."""
-    resolved = _run(build, [*cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull])
+    resolved = _run(build, [*cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], background=False)
     macros = "\n".join(sorted(resolved.stdout.splitlines())) if resolved.returncode == 0 else ""
     flags = ""
     with contextlib.suppress(OSError):
@@ -242,7 +242,7 @@ def _cpu_features(build: _Build, cc: list[str]) -> str:
 
 def _key(build: _Build, cc: list[str], source: bytes) -> str:
     """The cache key: source, compiler (path, flags, ``--version``), our flags, CPU features."""
-    version = _run(build, [cc[0], "--version"]).stdout
+    version = _run(build, [cc[0], "--version"], background=False).stdout
     parts = (source, shlex.join(cc), version, repr((_FLAGS, _OPTIONAL_FLAGS)), _cpu_features(build, cc))
     return hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()[:16]
 
