@@ -14,7 +14,7 @@ Captum call took 4.7-6.4 s instead of 0.27 s; at nice 19 in this process's group
 
 Why a time limit on that: at nice 19 the compiler gets only the cycles this process leaves, and
 a process keeping every core busy (a long ``deep_shap`` job) left it under 1 % (over 120 s for a
-2 s build, all of it on the eager loops). So a command still running after
+2 s build, all of it on the eager loops). So a compilation still running after
 :data:`BACKGROUND_SECONDS` of the build is restarted at normal priority and finishes within
 seconds, sharing the cores fairly. The cache key's queries (``--version``, the macros of
 ``-march=native``) take some 50 ms and run at normal priority: at nice 19 in a busy process they
@@ -37,8 +37,8 @@ TIMEOUT_ENV = "LSTM_DEEPSHAP_CC_TIMEOUT"
 """Seconds the whole build (compiler queries and every compile attempt) may take; 300 unless set."""
 
 BACKGROUND_SECONDS = 10.0
-"""Seconds from the build's start during which its commands run at :data:`BACKGROUND_NICE`; a
-command still running then is killed and run again at normal priority."""
+"""Seconds from the build's start during which its compilations run at :data:`BACKGROUND_NICE`;
+one still running then is killed and run again at normal priority."""
 
 BACKGROUND_NICE = 19
 

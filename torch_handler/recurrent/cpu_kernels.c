@@ -1139,14 +1139,6 @@ void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, co
     OVER_PAIRS(threads, R, NAME(softmax_rows)(p0, p1, R, S, x, m, out, work + thread * 4 * S));
 }
 
-/* The layer_norm / rms_norm rule over rows of n numbers (ops/rules/norms.py's layer_norm and
- * rms_norm, read their docstrings for the rule), float64: u = x - mean(x) (layer_norm; u = x for
- * rms_norm), v = mean(u²) + eps, y = u rsqrt(v) weight. Per half h and row:
- * m_y0 = m weight; m_s = Σ m_y0 (u_a + u_r) / 2; m_v = m_s R_rsqrt(v_a, v_r);
- * m_u = m_y0 (rsqrt(v_a) + rsqrt(v_r)) / 2 + (m_v / n) (u_a + u_r); layer_norm m_x = m_u - mean(m_u).
- * Why: as torch ops the rule is some thirty float64 passes over (2, rows, n), each a fresh
- * allocation, for a few hundred numbers per row; here a row's numbers stay in the cache.
- * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, norm_work numbers. */
 /* a[0] b[0] + ... + a[n-1] b[n-1], a vector of partial sums at a time (as total). */
 static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
 {
@@ -1161,6 +1153,14 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
     return t;
 }
 
+/* The layer_norm / rms_norm rule over rows of n numbers (ops/rules/norms.py's layer_norm and
+ * rms_norm, read their docstrings for the rule), float64: u = x - mean(x) (layer_norm; u = x for
+ * rms_norm), v = mean(u²) + eps, y = u rsqrt(v) weight. Per half h and row:
+ * m_y0 = m weight; m_s = Σ m_y0 (u_a + u_r) / 2; m_v = m_s R_rsqrt(v_a, v_r);
+ * m_u = m_y0 (rsqrt(v_a) + rsqrt(v_r)) / 2 + (m_v / n) (u_a + u_r); layer_norm m_x = m_u - mean(m_u).
+ * Why: as torch ops the rule is some thirty float64 passes over (2, rows, n), each a fresh
+ * allocation, for a few hundred numbers per row; here a row's numbers stay in the cache.
+ * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, norm_work numbers. */
 static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x,
                             const REAL *m, const REAL *weight, REAL *out, REAL *work)
 {

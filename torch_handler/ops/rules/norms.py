@@ -102,8 +102,7 @@ def _compiled_norm(m: Tensor, x_a: Tensor, x_r: Tensor, weight, eps: float, coun
     # Every tensor whose address the kernel gets is held by a name until it returns.
     library.norm_rule_f64(threads, R, n, int(centre), float(eps), x.data_ptr(), m64.data_ptr(),
                           None if w is None else w.data_ptr(), out.data_ptr(), buffer[6 * R * n:].data_ptr())
-    result = out.view(m.shape)
-    return result.to(x_a.dtype) if x_a.dtype != torch.float64 else result.clone()
+    return out.view(m.shape).to(x_a.dtype, copy=True)  # out of the scratch buffer
 
 
 def vector_norm(m: Tensor, actual, reference, *, dim=None, keepdim: bool = False, ord=2) -> Multipliers:

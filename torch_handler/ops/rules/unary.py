@@ -341,8 +341,7 @@ def _compiled_gelu(m: Tensor, x_a: Tensor, x_r: Tensor) -> Tensor | None:
     m64.view(m.shape).copy_(m)
     # Every tensor whose address the kernel gets is held by a name until it returns.
     library.gelu_rule_f64(torch.get_num_threads(), n, a.data_ptr(), r.data_ptr(), m64.data_ptr(), out.data_ptr())
-    result = out.view(m.shape)
-    return result.to(x_a.dtype) if x_a.dtype != torch.float64 else result.clone()
+    return out.view(m.shape).to(x_a.dtype, copy=True)  # out of the scratch buffer
 silu = _unary(_rescale_silu, "silu", "silu(x) = x·σ(x)")
 softplus = _unary(_rescale_softplus, "softplus", "softplus(x; beta=1.0, threshold=20.0)")
 sigmoid = _unary(_rescale_sigmoid, "sigmoid", "sigmoid(x)")
