@@ -79,3 +79,36 @@ def model_state(model) -> dict[str, ModuleState]:
         )
         for name, m in model.named_modules()
     }
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the scale of b."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def captum_on_both_paths(monkeypatch, model, x, background, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captum ``DeepLiftShap`` attributions inside ``deeplift_mode``, first with the compiled CPU
+    library, then with ``LSTM_DEEPSHAP_FUSED=0`` (the torch-ops path), detached."""
+    from captum.attr import DeepLiftShap
+
+    from torch_handler.recurrent.fused_loops import ENV
+
+    def attributions():
+        with torch_handler.deeplift_mode(model):
+            return DeepLiftShap(model).attribute(x, baselines=background, target=target).detach()
+
+    monkeypatch.delenv(ENV, raising=False)
+    compiled = attributions()
+    monkeypatch.setenv(ENV, "0")
+    plain = attributions()
+    monkeypatch.delenv(ENV)
+    return compiled, plain
+
+
+def additivity_gap(model, x, background, target: int, attributions: torch.Tensor) -> float:
+    """max over inputs |Σ attributions − (f(x) − E f(background))|, relative to the largest gap."""
+    with torch.no_grad():
+        gap = model(x)[:, target] - model(background)[:, target].mean()
+    total = attributions.sum(dim=tuple(range(1, attributions.ndim)))
+    return float((total - gap).abs().max() / gap.abs().max())

@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
+from helpers import additivity_gap, captum_on_both_paths, relative
 from torch import nn
 
-import torch_handler
 from torch_handler.additivity import tolerance_for
 from torch_handler.ops.rules import attention
 from torch_handler.recurrent.fused_loops import ENV
@@ -26,11 +26,6 @@ FLOAT64_BAR = 1e-13  # max |kernel - torch| relative to the multipliers' scale, 
 
 
 pytestmark = pytest.mark.usefixtures("compiled_library")
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
 _COMPILED_RULE = attention._compiled_rule  # the real one, which both_paths' spy calls
@@ -135,25 +130,13 @@ class Forecaster(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_explanations_match_the_torch_path(monkeypatch, threads, dtype):
-    from captum.attr import DeepLiftShap
-
     torch.manual_seed(0)
     model = Forecaster().to(dtype).eval()
     x, bg = torch.randn(4, 12, 5, dtype=dtype), torch.randn(6, 12, 5, dtype=dtype)
-
-    def explain():
-        with torch_handler.deeplift_mode(model):
-            return DeepLiftShap(model).attribute(x, baselines=bg, target=1)
-
-    compiled = explain()
-    monkeypatch.setenv(ENV, "0")
-    plain = explain()
+    compiled, plain = captum_on_both_paths(monkeypatch, model, x, bg, target=1)
     bar = tolerance_for(dtype)
     assert relative(compiled, plain) <= bar
-    with torch.no_grad():
-        delta = model(x)[:, 1] - model(bg)[:, 1].mean()
-    total = compiled.detach().sum(dim=(1, 2))
-    assert float((total - delta).abs().max() / delta.abs().max()) <= bar
+    assert additivity_gap(model, x, bg, 1, compiled) <= bar
 
 
 SOFTMAX_CASES = {

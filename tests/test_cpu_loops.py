@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import relative
 from torch import nn
 
 import torch_handler
@@ -27,11 +28,6 @@ SHAPES = [(1, 128), (3, 37), (5, 20), (32, 64)]  # (pairs, hidden): one pair, ta
 
 
 pytestmark = pytest.mark.usefixtures("compiled_library")
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to the scale of b."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
 def bar(dtype: torch.dtype) -> float:

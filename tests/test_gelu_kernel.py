@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import additivity_gap, captum_on_both_paths, relative
 from torch import nn
 
-import torch_handler
 from torch_handler.additivity import tolerance_for
 from torch_handler.ops.rules import unary
 from torch_handler.recurrent.fused_loops import ENV
@@ -23,10 +23,6 @@ FLOAT64_BAR = 1e-13  # max |kernel - torch| relative to the multipliers' scale, 
 pytestmark = pytest.mark.usefixtures("compiled_library")
 
 _COMPILED_GELU = unary._compiled_gelu
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
 def both_paths(monkeypatch, m, x_a, x_r, **params):
@@ -101,22 +97,10 @@ class GeluHead(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_explanations_match_the_torch_path(monkeypatch, threads, dtype):
-    from captum.attr import DeepLiftShap
-
     torch.manual_seed(0)
     model = GeluHead().to(dtype).eval()
     X, background = torch.randn(4, 9, 4, dtype=dtype), torch.randn(6, 9, 4, dtype=dtype)
-
-    def explain():
-        with torch_handler.deeplift_mode(model):
-            return DeepLiftShap(model).attribute(X, baselines=background, target=2).detach()
-
-    monkeypatch.delenv(ENV, raising=False)
-    compiled = explain()
-    monkeypatch.setenv(ENV, "0")
-    plain = explain()
+    compiled, plain = captum_on_both_paths(monkeypatch, model, X, background, target=2)
     bar = FLOAT64_BAR if dtype == torch.float64 else tolerance_for(torch.float32)
     assert relative(compiled, plain) <= bar
-    with torch.no_grad():
-        gap = model(X)[:, 2] - model(background)[:, 2].mean()
-    assert float((compiled.sum(dim=(1, 2)) - gap).abs().max() / gap.abs().max()) <= tolerance_for(dtype)
+    assert additivity_gap(model, X, background, 2, compiled) <= tolerance_for(dtype)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import additivity_gap, captum_on_both_paths, relative
 from torch import nn
 
-import torch_handler
 from torch_handler.additivity import tolerance_for
 from torch_handler.ops.rules import norms
 from torch_handler.recurrent.fused_loops import ENV
@@ -24,11 +24,6 @@ FLOAT64_BAR = 1e-13  # max |kernel - torch| relative to the multipliers' scale, 
 pytestmark = pytest.mark.usefixtures("compiled_library")
 
 _COMPILED_NORM = norms._compiled_norm  # the real one, which both_paths' spy calls
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))
 
 
 def both_paths(monkeypatch, rule, m, x_a, x_r, **params):
@@ -112,23 +107,10 @@ class NormedForecaster(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_explanations_match_the_torch_path(monkeypatch, threads, dtype):
-    from captum.attr import DeepLiftShap
-
     torch.manual_seed(0)
     model = NormedForecaster().to(dtype).eval()
     X, background = torch.randn(4, 11, 5, dtype=dtype), torch.randn(6, 11, 5, dtype=dtype)
-
-    def explain():
-        with torch_handler.deeplift_mode(model):
-            return DeepLiftShap(model).attribute(X, baselines=background, target=1)
-
-    monkeypatch.delenv(ENV, raising=False)
-    compiled = explain()
-    monkeypatch.setenv(ENV, "0")
-    plain = explain()
+    compiled, plain = captum_on_both_paths(monkeypatch, model, X, background, target=1)
     bar = FLOAT64_BAR if dtype == torch.float64 else tolerance_for(torch.float32)
     assert relative(compiled, plain) <= bar
-    with torch.no_grad():
-        gap = model(X)[:, 1] - model(background)[:, 1].mean()
-    total = compiled.detach().sum(dim=(1, 2))
-    assert float((total - gap).abs().max() / gap.abs().max()) <= tolerance_for(dtype)
+    assert additivity_gap(model, X, background, 1, compiled) <= tolerance_for(dtype)
