@@ -93,6 +93,44 @@ def test_compiled_rule_matches_the_torch_rule(monkeypatch, threads, case, spread
         assert relative(got, want) <= bar
 
 
+LAYOUTS = ["mha-views", "unequal-strides", "bfloat16", "two-batch-axes", "float64-views"]
+BFLOAT16_BAR = 2.0**-7  # one bfloat16 rounding of the same float64 value, relative to the scale
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_operands_are_read_in_place_whatever_their_layout(monkeypatch, threads, layout):
+    """The kernel reads float32 and float64 operands where they are (any strides: here the halves
+    of one tensor stored (rows, 2N, heads, cols), as nn.MultiheadAttention's q, k, v, and a
+    multiplier with its last two axes swapped) and writes the multipliers in their dtype; halves
+    laid out differently and other dtypes are handed over as float64 copies; batch axes that do
+    not merge into one are copied. Every layout against the torch rule."""
+    N, H, L, S, E, F = 4, 3, 6, 7, 5, 4
+    g = torch.Generator().manual_seed(3)
+    dtype = {"bfloat16": torch.bfloat16, "float64-views": torch.float64}.get(layout, torch.float32)
+
+    def doubled(rows, cols):
+        t = torch.randn(rows, 2 * N, H, cols, generator=g).to(dtype).permute(1, 2, 0, 3)
+        return t[:N], t[N:]
+
+    (q_a, q_r), (k_a, k_r), (v_a, v_r) = doubled(L, E), doubled(S, E), doubled(S, F)
+    m = torch.randn(2, N, H, F, L, generator=g).to(dtype).transpose(-1, -2)
+    if layout == "unequal-strides":
+        q_r, v_a = q_r.contiguous(), v_a.contiguous()
+    if layout == "two-batch-axes":  # q (N, 2, H, L, E), k over every batch, v broadcast over heads
+        q_a, q_r = (torch.stack([t, 2 * t], 1) for t in (q_a, q_r))
+        k_a, k_r = (t.unsqueeze(1) for t in (k_a, k_r))
+        v_a, v_r = (torch.stack([t[:, :1], -t[:, :1]], 1) for t in (v_a, v_r))
+        m = torch.stack([m, m.flip(-1)], 2)
+    actual, reference = (q_a, k_a, v_a), (q_r, k_r, v_r)
+    assert not q_a.is_contiguous() or layout == "two-batch-axes"
+    compiled, plain = both_paths(monkeypatch, m, actual, reference)
+    bar = {torch.float64: FLOAT64_BAR, torch.bfloat16: BFLOAT16_BAR}.get(dtype, tolerance_for(torch.float32))
+    for got, want, operand in zip(compiled, plain, actual, strict=True):
+        assert got.shape == want.shape == (2, *operand.shape) and got.dtype == operand.dtype
+        assert torch.isfinite(got).all()
+        assert relative(got.double(), want.double()) <= bar
+
+
 def test_equal_halves_and_a_shifted_reference(monkeypatch):
     """Rescale's limits: a pair whose halves are equal (every difference 0: the derivative), and a
     reference whose scores differ by a constant per row (softmax unchanged)."""

@@ -64,6 +64,25 @@ def test_compiled_gelu_matches_the_torch_rule(monkeypatch, threads, where, dtype
     assert relative(compiled, plain) <= bar
 
 
+@pytest.mark.parametrize("layout", ["transposed", "unequal-strides", "bfloat16"])
+def test_operands_in_any_layout(monkeypatch, threads, layout):
+    """Halves of a transposed tensor (copied contiguous in their dtype), halves laid out
+    differently, and a dtype the kernel does not read in place (a float64 copy): against the
+    torch rule, the multipliers in the operands' dtype."""
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    x = (torch.randn(9, 2 * 6, generator=g) * 2).to(dtype).t()
+    x_a, x_r = x[:6], x[6:]
+    if layout == "unequal-strides":
+        x_r = x_r.contiguous()
+    m = torch.randn(9, 2, 6, generator=g).to(dtype).permute(1, 2, 0)
+    compiled, plain, served = both_paths(monkeypatch, m, x_a, x_r)
+    assert served and compiled.shape == plain.shape == m.shape and compiled.dtype == dtype
+    assert torch.isfinite(compiled).all()
+    bar = 2.0**-7 if dtype == torch.bfloat16 else tolerance_for(torch.float32)
+    assert relative(compiled.double(), plain.double()) <= bar
+
+
 def test_equal_halves_give_the_derivative(monkeypatch):
     x = torch.linspace(-6, 6, 97, dtype=torch.float64)
     m = torch.ones(2, 97, dtype=torch.float64)

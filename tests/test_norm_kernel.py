@@ -70,6 +70,30 @@ def test_compiled_norm_matches_the_torch_rule(monkeypatch, threads, rule, shape,
     assert relative(compiled, plain) <= bar
 
 
+@pytest.mark.parametrize("layout", ["time-major-views", "unequal-strides", "bfloat16", "float64-views"])
+@pytest.mark.parametrize("rule", ["layer_norm", "rms_norm"])
+def test_operands_are_read_in_place_whatever_their_layout(monkeypatch, threads, rule, layout):
+    """The kernel reads float32 and float64 operands where they are (here the halves of a
+    recurrent layer's batch-first output stored time-major, (T, 2N, H), and a multiplier laid out
+    likewise) and writes the multipliers in their dtype; halves laid out differently and other
+    dtypes are handed over as float64 copies. Every layout against the torch rule."""
+    N, T, n = 5, 7, 12
+    g = torch.Generator().manual_seed(4)
+    dtype = {"bfloat16": torch.bfloat16, "float64-views": torch.float64}.get(layout, torch.float32)
+    x = torch.randn(T, 2 * N, n, generator=g).to(dtype).transpose(0, 1)
+    x_a, x_r = x[:N], x[N:]
+    m = torch.randn(T, 2, N, n, generator=g).to(dtype).permute(1, 2, 0, 3)
+    if layout == "unequal-strides":
+        x_r = x_r.contiguous()
+    weight = torch.randn(n, generator=g).to(dtype)
+    compiled, plain = both_paths(monkeypatch, getattr(norms, rule), m, x_a, x_r, normalized_shape=(n,),
+                                 weight=weight, eps=1e-5)
+    assert compiled.shape == plain.shape == m.shape and compiled.dtype == dtype
+    assert torch.isfinite(compiled).all()
+    bar = {torch.float64: FLOAT64_BAR, torch.bfloat16: 2.0**-7}.get(dtype, tolerance_for(torch.float32))
+    assert relative(compiled.double(), plain.double()) <= bar
+
+
 def test_equal_halves_give_the_gradient(monkeypatch):
     """A pair whose halves are equal: the multipliers are layer_norm's gradient (autograd's)."""
     x = torch.randn(4, 9, 16, dtype=torch.float64)

@@ -873,12 +873,14 @@ void NAME(rnn_backward)(int64_t threads, int64_t tau, int64_t N, int64_t H, cons
  * of a few MB each, every one allocated afresh; here a row's S scores stay in the cache, and
  * the Rescale factors of exp come from the exponentials already computed (no further exp).
  *
- * Operands, float64, contiguous, halves first (0 actual, 1 reference): q and its multiplier mq
- * (2, B, L, E); k, mk (2, B, S, E); v, mv (2, B, S, F); m (2, B, L, F) the output's multiplier;
- * mask (L, S) additive (-inf where masked) or NULL. work: per thread, sdpa_work_f64 numbers. */
+ * Operands, read and written in place through a layout table (see the operands' section below):
+ * q and its multiplier mq (N, G, L, E) per half (0 actual, 1 reference), G blocks (heads) per
+ * pair; k, mk (N, G, S, E); v, mv (N, G, S, F); m (N, G, L, F) the output's multiplier; mask
+ * (L, S) additive (-inf where masked) or NULL. work: per thread, sdpa_work_f64 numbers. */
 int64_t NAME(sdpa_work)(int64_t L, int64_t S, int64_t E, int64_t F)
 {
-    return 4 * S + 3 * L * S + 2 * E * S + F * S + L * E + S * E;
+    /* the rule's own, then both halves of the seven operands' blocks (see sdpa_blocks) */
+    return 4 * S + 3 * L * S + 2 * E * S + F * S + L * E + S * E + 4 * (L * E + S * E + S * F) + 2 * L * F;
 }
 
 static inline REAL NAME(rescale_log)(REAL a, REAL r)
@@ -1092,29 +1094,110 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
         }
 }
 
-/* The blocks b0..b1-1 of sdpa_rule. */
-static void NAME(sdpa_blocks)(int64_t b0, int64_t b1, int64_t B, int64_t L, int64_t S, int64_t E, int64_t F,
-                              REAL scale, const REAL *q, const REAL *k, const REAL *v, const REAL *m,
-                              const REAL *mask, REAL *mq, REAL *mk, REAL *mv, REAL *work)
+/* The operands in place. Each is described by LAYOUT numbers of a table: the addresses of its
+ * actual and reference halves, whether it is float32 (else float64), and its strides in
+ * elements over (pair n, block g, row, column); any strides, 0 included (an operand expanded
+ * over the blocks). Why: the rule's operands are float32 views into the model's tensors, and
+ * copying them into float64 buffers from Python (and the multipliers back) cost about as much
+ * as the rule's arithmetic (measured on the 2-core VM: 1.7 ms beside a 3.0 ms kernel for the
+ * attention model's 32 pairs); a block's few hundred numbers are converted here instead. */
+enum { OPERAND_Q, OPERAND_K, OPERAND_V, OPERAND_M, OPERAND_MQ, OPERAND_MK, OPERAND_MV, LAYOUT = 7 };
+
+/* dst (rows, cols), float64 contiguous <- block (n, g) of half h of the operand `op`. Rows of
+ * contiguous columns (the usual layout) have loops of their own: with a stride known only at run
+ * time the conversions ran an element at a time. */
+static void NAME(load_block)(REAL *restrict dst, const int64_t *op, int64_t h, int64_t n, int64_t g, int64_t rows,
+                             int64_t cols)
 {
-    for (int64_t b = b0; b < b1; ++b) {
-        const REAL *qb[2] = {q + b * L * E, q + (B + b) * L * E}, *kb[2] = {k + b * S * E, k + (B + b) * S * E};
-        const REAL *vb[2] = {v + b * S * F, v + (B + b) * S * F}, *mb[2] = {m + b * L * F, m + (B + b) * L * F};
-        REAL *mqb[2] = {mq + b * L * E, mq + (B + b) * L * E}, *mkb[2] = {mk + b * S * E, mk + (B + b) * S * E};
-        REAL *mvb[2] = {mv + b * S * F, mv + (B + b) * S * F};
-        NAME(sdpa_block)(L, S, E, F, scale, qb, kb, vb, mb, mask, mqb, mkb, mvb, work);
+    const int64_t at = n * op[3] + g * op[4], sr = op[5], sc = op[6];
+    if (op[2]) {
+        const float *restrict p = (const float *)(intptr_t)op[h] + at;
+        if (sc == 1)
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    dst[i * cols + c] = (REAL)p[i * sr + c];
+        else
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    dst[i * cols + c] = (REAL)p[i * sr + c * sc];
+    } else {
+        const double *restrict p = (const double *)(intptr_t)op[h] + at;
+        if (sc == 1)
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    dst[i * cols + c] = p[i * sr + c];
+        else
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    dst[i * cols + c] = p[i * sr + c * sc];
     }
 }
 
-/* Entry point: every block, split over `threads` OpenMP threads; work holds threads times
- * sdpa_work numbers (each thread its own). */
-void NAME(sdpa_rule)(int64_t threads, int64_t B, int64_t L, int64_t S, int64_t E, int64_t F, REAL scale,
-                     const REAL *q, const REAL *k, const REAL *v, const REAL *m, const REAL *mask, REAL *mq,
-                     REAL *mk, REAL *mv, REAL *work)
+/* Block (n, g) of half h of the operand `op` <- src (rows, cols), rounded to float32 there. */
+static void NAME(store_block)(const int64_t *op, int64_t h, int64_t n, int64_t g, const REAL *restrict src,
+                              int64_t rows, int64_t cols)
+{
+    const int64_t at = n * op[3] + g * op[4], sr = op[5], sc = op[6];
+    if (op[2]) {
+        float *restrict p = (float *)(intptr_t)op[h] + at;
+        if (sc == 1)
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    p[i * sr + c] = (float)src[i * cols + c];
+        else
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    p[i * sr + c * sc] = (float)src[i * cols + c];
+    } else {
+        double *restrict p = (double *)(intptr_t)op[h] + at;
+        if (sc == 1)
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    p[i * sr + c] = src[i * cols + c];
+        else
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < cols; ++c)
+                    p[i * sr + c * sc] = src[i * cols + c];
+    }
+}
+
+/* The blocks b0..b1-1 of sdpa_rule (block b is pair b / G's block b % G), each loaded into
+ * float64 copies after the rule's own work, its multipliers stored from there. */
+static void NAME(sdpa_blocks)(int64_t b0, int64_t b1, int64_t G, int64_t L, int64_t S, int64_t E, int64_t F,
+                              REAL scale, const int64_t *ops, const REAL *mask, REAL *work)
+{
+    const int64_t rows[LAYOUT] = {L, S, S, L, L, S, S}, cols[LAYOUT] = {E, E, F, F, E, E, F};
+    REAL *block[LAYOUT][2], *next = work + 4 * S + 3 * L * S + 2 * E * S + F * S + L * E + S * E;
+    for (int k = 0; k < LAYOUT; ++k)
+        for (int h = 0; h < 2; ++h) {
+            block[k][h] = next;
+            next += rows[k] * cols[k];
+        }
+    const REAL *in[4][2];
+    for (int k = 0; k < 4; ++k)
+        for (int h = 0; h < 2; ++h)
+            in[k][h] = block[k][h];
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b / G, g = b % G;
+        for (int k = OPERAND_Q; k <= OPERAND_M; ++k)
+            for (int h = 0; h < 2; ++h)
+                NAME(load_block)(block[k][h], ops + k * LAYOUT, h, n, g, rows[k], cols[k]);
+        NAME(sdpa_block)(L, S, E, F, scale, in[OPERAND_Q], in[OPERAND_K], in[OPERAND_V], in[OPERAND_M], mask,
+                         block[OPERAND_MQ], block[OPERAND_MK], block[OPERAND_MV], work);
+        for (int k = OPERAND_MQ; k <= OPERAND_MV; ++k)
+            for (int h = 0; h < 2; ++h)
+                NAME(store_block)(ops + k * LAYOUT, h, n, g, block[k][h], rows[k], cols[k]);
+    }
+}
+
+/* Entry point: every block (N pairs times G), split over `threads` OpenMP threads; ops the
+ * layout table (LAYOUT numbers per operand, in the order q, k, v, m, mq, mk, mv); work holds
+ * threads times sdpa_work numbers (each thread its own). */
+void NAME(sdpa_rule)(int64_t threads, int64_t N, int64_t G, int64_t L, int64_t S, int64_t E, int64_t F, REAL scale,
+                     const int64_t *ops, const REAL *mask, REAL *work)
 {
     const int64_t w = NAME(sdpa_work)(L, S, E, F);
-    OVER_PAIRS(threads, B,
-               NAME(sdpa_blocks)(p0, p1, B, L, S, E, F, scale, q, k, v, m, mask, mq, mk, mv, work + thread * w));
+    OVER_PAIRS(threads, N * G, NAME(sdpa_blocks)(p0, p1, G, L, S, E, F, scale, ops, mask, work + thread * w));
 }
 
 /* The softmax rule over the last axis alone (ops/rules/softmax.py's softmax), float64: x and
@@ -1160,19 +1243,22 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
  * m_u = m_y0 (rsqrt(v_a) + rsqrt(v_r)) / 2 + (m_v / n) (u_a + u_r); layer_norm m_x = m_u - mean(m_u).
  * Why: as torch ops the rule is some thirty float64 passes over (2, rows, n), each a fresh
  * allocation, for a few hundred numbers per row; here a row's numbers stay in the cache.
- * x, m, out (2, R, n), halves first; weight (n) or NULL; work: per thread, norm_work numbers. */
-static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x,
-                            const REAL *m, const REAL *weight, REAL *out, REAL *work)
+ * ops: the layout table (see the operands' section above) of x, m and out, each (N, R, 1, n) per
+ * half, row r of the N R rows being (r / R, r % R); weight (n) or NULL; work: per thread,
+ * norm_work numbers. */
+static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_t centre, REAL eps,
+                            const int64_t *ops, const REAL *weight, REAL *work)
 {
     REAL *u[2] = {work, work + n}, *restrict both = work + 2 * n; /* both = u_a + u_r */
+    REAL *o[2] = {work + 3 * n, work + 4 * n};
     for (int64_t r = r0; r < r1; ++r) {
         REAL v[2];
         for (int64_t h = 0; h < 2; ++h) {
-            const REAL *restrict xr = x + (h * R + r) * n;
             REAL *restrict uh = u[h];
-            const REAL mean = centre ? NAME(total)(xr, n) / (REAL)n : 0;
+            NAME(load_block)(uh, ops, h, r / R, r % R, 1, n);
+            const REAL mean = centre ? NAME(total)(uh, n) / (REAL)n : 0;
             for (int64_t j = 0; j < n; ++j)
-                uh[j] = xr[j] - mean;
+                uh[j] -= mean;
             v[h] = NAME(dot)(uh, uh, n) / (REAL)n + eps;
         }
         for (int64_t j = 0; j < n; ++j)
@@ -1180,34 +1266,47 @@ static void NAME(norm_rows)(int64_t r0, int64_t r1, int64_t R, int64_t n, int64_
         const REAL sa = sqrt(v[0]), sr = sqrt(v[1]);
         const REAL r_rsqrt = -1.0 / (sa * sr * (sa + sr)), s_mean = (1 / sa + 1 / sr) * 0.5;
         for (int64_t h = 0; h < 2; ++h) {
-            const REAL *restrict mr = m + (h * R + r) * n;
-            REAL *restrict o = out + (h * R + r) * n;
+            REAL *restrict oh = o[h];
+            NAME(load_block)(oh, ops + LAYOUT, h, r / R, r % R, 1, n);
             if (weight)
                 for (int64_t j = 0; j < n; ++j)
-                    o[j] = mr[j] * weight[j]; /* m_y0 */
-            else
-                memcpy(o, mr, (size_t)n * sizeof(REAL));
-            const REAL m_v = NAME(dot)(o, both, n) * 0.5 * r_rsqrt / (REAL)n;
+                    oh[j] *= weight[j]; /* m_y0 */
+            const REAL m_v = NAME(dot)(oh, both, n) * 0.5 * r_rsqrt / (REAL)n;
             for (int64_t j = 0; j < n; ++j)
-                o[j] = o[j] * s_mean + m_v * both[j];
+                oh[j] = oh[j] * s_mean + m_v * both[j];
             if (centre) {
-                const REAL mean = NAME(total)(o, n) / (REAL)n;
+                const REAL mean = NAME(total)(oh, n) / (REAL)n;
                 for (int64_t j = 0; j < n; ++j)
-                    o[j] -= mean;
+                    oh[j] -= mean;
             }
+            NAME(store_block)(ops + 2 * LAYOUT, h, r / R, r % R, oh, 1, n);
         }
     }
 }
 
 int64_t NAME(norm_work)(int64_t n)
 {
-    return 3 * n;
+    return 5 * n;
 }
 
-void NAME(norm_rule)(int64_t threads, int64_t R, int64_t n, int64_t centre, REAL eps, const REAL *x, const REAL *m,
-                     const REAL *weight, REAL *out, REAL *work)
+void NAME(norm_rule)(int64_t threads, int64_t rows, int64_t R, int64_t n, int64_t centre, REAL eps,
+                     const int64_t *ops, const REAL *weight, REAL *work)
 {
-    OVER_PAIRS(threads, R, NAME(norm_rows)(p0, p1, R, n, centre, eps, x, m, weight, out, work + thread * 3 * n));
+    OVER_PAIRS(threads, rows, NAME(norm_rows)(p0, p1, R, n, centre, eps, ops, weight, work + thread * 5 * n));
+}
+
+/* Element i of half h of a contiguous operand of the layout table (its strides unused). */
+static inline REAL NAME(element)(const int64_t *op, int64_t h, int64_t i)
+{
+    return op[2] ? (REAL)((const float *)(intptr_t)op[h])[i] : ((const double *)(intptr_t)op[h])[i];
+}
+
+static inline void NAME(set_element)(const int64_t *op, int64_t h, int64_t i, REAL value)
+{
+    if (op[2])
+        ((float *)(intptr_t)op[h])[i] = (float)value;
+    else
+        ((double *)(intptr_t)op[h])[i] = value;
 }
 
 /* gelu's rule (approximate="none"), ops/rules/unary.py's _rescale_gelu and _rescale_normal_cdf
@@ -1215,13 +1314,13 @@ void NAME(norm_rule)(int64_t threads, int64_t R, int64_t n, int64_t centre, REAL
  * midpoint series where d (1 + |mid|) < 1e-2, else the difference quotient of the smaller tail.
  * Why: as torch ops the rule is some thirty passes (six erfc among them) over a few thousand
  * numbers, each a dispatch and a fresh allocation; here one pass, and the lower tail's erfc
- * values are Φ's own. a, r (n), m, out (2, n), halves first. */
-static void NAME(gelu_range)(int64_t i0, int64_t i1, int64_t n, const REAL *a, const REAL *r, const REAL *m,
-                             REAL *out)
+ * values are Φ's own. ops: the layout table of x, m and out, each n contiguous numbers per half. */
+static void NAME(gelu_range)(int64_t i0, int64_t i1, const int64_t *ops)
 {
     const REAL s = 0.70710678118654752440, inv_sqrt_2pi = 0.39894228040143267794;
     for (int64_t i = i0; i < i1; ++i) {
-        const REAL xa = a[i], xr = r[i], lo = xa < xr ? xa : xr, hi = xa < xr ? xr : xa, d = hi - lo;
+        const REAL xa = NAME(element)(ops, 0, i), xr = NAME(element)(ops, 1, i);
+        const REAL lo = xa < xr ? xa : xr, hi = xa < xr ? xr : xa, d = hi - lo;
         const REAL mid = (xa + xr) * 0.5, cdf_a = 0.5 * erfc(-xa * s), cdf_r = 0.5 * erfc(-xr * s);
         REAL r_phi;
         if (d * (1 + fabs(mid)) < 1e-2) {
@@ -1234,14 +1333,14 @@ static void NAME(gelu_range)(int64_t i0, int64_t i1, int64_t n, const REAL *a, c
             r_phi = (xa < xr ? cdf_r - cdf_a : cdf_a - cdf_r) / d;
         }
         const REAL factor = (cdf_a + cdf_r) * 0.5 + (xa + xr) * 0.5 * r_phi;
-        out[i] = m[i] * factor;
-        out[n + i] = m[n + i] * factor;
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(set_element)(ops + 2 * LAYOUT, h, i, NAME(element)(ops + LAYOUT, h, i) * factor);
     }
 }
 
-void NAME(gelu_rule)(int64_t threads, int64_t n, const REAL *a, const REAL *r, const REAL *m, REAL *out)
+void NAME(gelu_rule)(int64_t threads, int64_t n, const int64_t *ops)
 {
-    OVER_PAIRS(threads, n, NAME(gelu_range)(p0, p1, n, a, r, m, out));
+    OVER_PAIRS(threads, n, NAME(gelu_range)(p0, p1, ops));
 }
 #endif /* MANTISSA == 52 */
 

@@ -515,10 +515,10 @@ def _declare(library: ctypes.CDLL) -> None:
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
     ops = {"sdpa_work_f64": ([i64] * 4, i64), "norm_work_f64": ([i64], i64),
-           "sdpa_rule_f64": ([i64] * 6 + [ctypes.c_double] + [ptr] * 9, None),
+           "sdpa_rule_f64": ([i64] * 7 + [ctypes.c_double] + [ptr] * 3, None),
            "softmax_rule_f64": ([i64] * 3 + [ptr] * 4, None),
-           "norm_rule_f64": ([i64] * 4 + [ctypes.c_double] + [ptr] * 5, None),
-           "gelu_rule_f64": ([i64] * 2 + [ptr] * 4, None)}  # the op rules' kernels (float64 only)
+           "norm_rule_f64": ([i64] * 5 + [ctypes.c_double] + [ptr] * 3, None),
+           "gelu_rule_f64": ([i64] * 2 + [ptr], None)}  # the op rules' kernels (float64 only)
     for name, (argtypes, restype) in ops.items():
         getattr(library, name).argtypes, getattr(library, name).restype = argtypes, restype
     for suffix in _SUFFIX.values():

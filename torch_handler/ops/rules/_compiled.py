@@ -11,12 +11,17 @@ rounding (``tests/test_attention_kernel.py``).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
 from torch import Tensor
 
 _SCRATCH = threading.local()
+
+IN_PLACE = (torch.float32, torch.float64)
+"""The dtypes the kernels read operands and write multipliers in, in place (they compute in
+float64 either way); an operand of another dtype is handed over as a float64 copy."""
 
 
 def scratch(numel: int) -> Tensor:
@@ -32,3 +37,26 @@ def scratch(numel: int) -> Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.float64)
     return buffer[:numel]
+
+
+def halves(a: Tensor, r: Tensor, keep: list) -> list[int]:
+    """How a kernel reads an operand's actual and reference halves ``a`` and ``r`` (or writes a
+    multiplier's) in place: ``[address of a, address of r, float32?, four strides in elements]``
+    (of up to four dims, the leading ones 0 where ``a`` has fewer).
+
+    Why: copying the operands into float64 buffers and the multipliers back, op by op from
+    Python, cost the attention rule about as much as its arithmetic (see ``sdpa_blocks`` in
+    ``cpu_kernels.c``). The halves share one layout, as the two halves of one tensor do; where
+    they do not (or the dtype is not in :data:`IN_PLACE`), both are copied into contiguous
+    float64. ``keep`` holds every tensor whose address is handed out until the kernel returns.
+    """
+    if a.dtype not in IN_PLACE or a.dtype != r.dtype or a.stride() != r.stride():
+        a, r = (torch.empty(t.shape, dtype=torch.float64, device=t.device).copy_(t) for t in (a, r))
+    keep += (a, r)
+    return [a.data_ptr(), r.data_ptr(), int(a.dtype == torch.float32), *(0,) * (4 - a.dim()), *a.stride()]
+
+
+def table(layouts: list[list[int]]) -> ctypes.Array:
+    """The operands' layouts (see :func:`halves`) as the one int64 array a kernel reads."""
+    flat = [number for layout in layouts for number in layout]
+    return (ctypes.c_int64 * len(flat))(*flat)

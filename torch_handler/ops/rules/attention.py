@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, _reduce_to
-from torch_handler.ops.rules._compiled import scratch
+from torch_handler.ops.rules._compiled import IN_PLACE, halves, scratch, table
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
 from torch_handler.recurrent import cpu_kernels
@@ -83,9 +83,10 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     Why: in torch the rule is some thirty float64 passes over (pairs, heads, L, S) tensors, each
     a fresh allocation of a few MB; the kernel keeps one query row's scores in the cache. It
     evaluates the same formulas (sums in another order, exp by the library's polynomial), so the
-    two agree to rounding: ``tests/test_attention_kernel.py``.
+    two agree to rounding: ``tests/test_attention_kernel.py``. It reads the operands where they
+    are and writes the multipliers in their dtype (see ``_compiled.halves``).
     """
-    (q_a, k_a, v_a), (q_r, k_r, v_r) = actual, reference
+    q_a, k_a, v_a = actual
     library = cpu_kernels.serving(q_a.device)
     if library is None:
         return None
@@ -98,43 +99,28 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
         if math.prod(additive.shape[:-2]) != 1:
             return None
         mask = additive.reshape(additive.shape[-2:]).expand(L, S).contiguous()
-    B = N * math.prod(batch)
-    ndim = 1 + len(batch) + 2
+    G, ndim = math.prod(batch), 1 + len(batch) + 2
 
-    threads = torch.get_num_threads()
-    sizes = {"q": 2 * B * L * E, "k": 2 * B * S * E, "v": 2 * B * S * F, "m": 2 * B * L * F,
-             "work": threads * library.sdpa_work_f64(L, S, E, F)}
-    # The multipliers stay in the scratch buffer where they are converted to the operands'
-    # dtype below (a copy); float64 operands get them in tensors of their own.
-    own = {"q": q_a, "k": k_a, "v": v_a}
-    outputs = {name: sizes[name] for name, operand in own.items() if operand.dtype != torch.float64}
-    views, start = {}, 0
-    buffer = scratch(sum(sizes.values()) + sum(outputs.values()))
-    for name, size in [*sizes.items(), *((f"m_{n}", size) for n, size in outputs.items())]:
-        views[name], start = buffer[start:start + size], start + size
+    def blocks(t: Tensor) -> Tensor:
+        """(N, *b, rows, cols) as (N, G, rows, cols): the batch axes broadcast (stride 0), a view
+        wherever they merge into one (always with one batch axis, as attention's heads)."""
+        return _pad_after_pair(t, ndim).expand(N, *batch, *t.shape[-2:]).reshape(N, G, *t.shape[-2:])
 
-    def halves(name: str, a: Tensor, r: Tensor) -> Tensor:
-        """(2, B, rows, cols) float64, contiguous: both halves with the batch axes broadcast,
-        each converted and laid out by one copy."""
-        shape = (N, *batch, *a.shape[-2:])
-        both = views[name].view(2, *shape)
-        both[0].copy_(_pad_after_pair(a, ndim).expand(shape))
-        both[1].copy_(_pad_after_pair(r, ndim).expand(shape))
-        return both.view(2, B, *a.shape[-2:])
-
-    q, k, v = halves("q", q_a, q_r), halves("k", k_a, k_r), halves("v", v_a, v_r)
-    m64 = views["m"].view(2, B, L, F)
-    m64.view(m.shape).copy_(m)
-    m_q, m_k, m_v = (views[f"m_{name}"].view(t.shape) if f"m_{name}" in views else torch.empty_like(t)
-                     for name, t in (("q", q), ("k", k), ("v", v)))
-    work = views["work"]
-    # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.sdpa_rule_f64(threads, B, L, S, E, F, float(scale), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                          m64.data_ptr(), None if mask is None else mask.data_ptr(), m_q.data_ptr(),
-                          m_k.data_ptr(), m_v.data_ptr(), work.data_ptr())
-
-    def back(mult: Tensor, like: Tensor) -> Tensor:
-        return _reduce_to(mult.reshape(2, N, *batch, *mult.shape[-2:]), like.shape).to(like.dtype)
-
-    return back(m_q, q_a), back(m_k, k_a), back(m_v, v_a)
-
+    keep: list = []
+    layouts = [halves(blocks(a), blocks(r), keep) for a, r in zip(actual, reference, strict=True)]
+    layouts.append(halves(blocks(m[0]), blocks(m[1]), keep))
+    results = []
+    for a in actual:
+        # In the operand's dtype, unless it was broadcast over the batch axes (its multipliers are
+        # then summed over them below, in float64 as the torch rule does).
+        whole = a.shape[1:] == (*batch, *a.shape[-2:]) and a.dtype in IN_PLACE
+        out = torch.empty((2, N, G, *a.shape[-2:]), dtype=a.dtype if whole else torch.float64)
+        layouts.append(halves(out[0], out[1], keep))
+        results.append(out)
+    work = scratch(torch.get_num_threads() * library.sdpa_work_f64(L, S, E, F))
+    library.sdpa_rule_f64(torch.get_num_threads(), N, G, L, S, E, F, float(scale), table(layouts),
+                          None if mask is None else mask.data_ptr(), work.data_ptr())
+    return tuple(
+        _reduce_to(out.view(2, N, *batch, *out.shape[-2:]), a.shape).to(a.dtype)
+        for out, a in zip(results, actual, strict=True)
+    )

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
-from torch_handler.ops.rules._compiled import scratch
+from torch_handler.ops.rules._compiled import IN_PLACE, halves, scratch, table
 from torch_handler.ops.rules.unary import _rescale_rsqrt, _rescale_sqrt
 from torch_handler.recurrent import cpu_kernels
 
@@ -91,18 +91,22 @@ def _compiled_norm(m: Tensor, x_a: Tensor, x_r: Tensor, weight, eps: float, coun
     n = math.prod(x_a.shape[x_a.ndim - count:])
     if library is None or x_a.numel() == 0 or n == 0:
         return None
-    R = x_a.numel() // n
-    threads = torch.get_num_threads()
-    buffer = scratch(6 * R * n + threads * library.norm_work_f64(n))
-    x, m64, out = (buffer[k * 2 * R * n:(k + 1) * 2 * R * n].view(2, R, n) for k in range(3))
-    x[0].view(x_a.shape).copy_(x_a)
-    x[1].view(x_r.shape).copy_(x_r)
-    m64.view(m.shape).copy_(m)
+    N = x_a.shape[0]
+    R = x_a.numel() // (N * n)  # rows per pair
+
+    def rows(t: Tensor) -> Tensor:
+        return t.reshape(N, R, 1, n)  # a view unless the rows' dims do not merge
+
+    keep: list = []
+    out = torch.empty((2, N, R, 1, n), dtype=x_a.dtype if x_a.dtype in IN_PLACE else torch.float64)
+    layouts = [halves(rows(x_a), rows(x_r), keep), halves(rows(m[0]), rows(m[1]), keep), halves(out[0], out[1], keep)]
     w = None if weight is None else _f64(weight).reshape(n).contiguous()
+    threads = torch.get_num_threads()
+    work = scratch(threads * library.norm_work_f64(n))
     # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.norm_rule_f64(threads, R, n, int(centre), float(eps), x.data_ptr(), m64.data_ptr(),
-                          None if w is None else w.data_ptr(), out.data_ptr(), buffer[6 * R * n:].data_ptr())
-    return out.view(m.shape).to(x_a.dtype, copy=True)  # out of the scratch buffer
+    library.norm_rule_f64(threads, N * R, R, n, int(centre), float(eps), table(layouts),
+                          None if w is None else w.data_ptr(), work.data_ptr())
+    return out.view(m.shape).to(x_a.dtype)
 
 
 def vector_norm(m: Tensor, actual, reference, *, dim=None, keepdim: bool = False, ord=2) -> Multipliers:

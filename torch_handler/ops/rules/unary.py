@@ -20,7 +20,7 @@ from torch_handler.ops.rules._common import (
     _scaled,
     _where_zero,
 )
-from torch_handler.ops.rules._compiled import scratch
+from torch_handler.ops.rules._compiled import IN_PLACE, halves, table
 from torch_handler.recurrent import cpu_kernels
 from torch_handler.recurrent.rules import rescale_sigmoid, rescale_tanh
 
@@ -334,14 +334,15 @@ def _compiled_gelu(m: Tensor, x_a: Tensor, x_r: Tensor) -> Tensor | None:
     if library is None or x_a.numel() == 0 or x_a.shape != x_r.shape or m.shape[1:] != x_a.shape:
         return None
     n = x_a.numel()
-    buffer = scratch(6 * n)
-    a, r, m64, out = buffer[:n], buffer[n:2 * n], buffer[2 * n:4 * n], buffer[4 * n:]
-    a.view(x_a.shape).copy_(x_a)
-    r.view(x_r.shape).copy_(x_r)
-    m64.view(m.shape).copy_(m)
+    flat = [t.reshape(-1).contiguous() for t in (x_a, x_r, m[0], m[1])]  # views where contiguous
+    keep: list = []
+    out = torch.empty((2, n), dtype=x_a.dtype if x_a.dtype in IN_PLACE else torch.float64)
+    layouts = [halves(flat[0], flat[1], keep), halves(flat[2], flat[3], keep), halves(out[0], out[1], keep)]
     # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.gelu_rule_f64(torch.get_num_threads(), n, a.data_ptr(), r.data_ptr(), m64.data_ptr(), out.data_ptr())
-    return out.view(m.shape).to(x_a.dtype, copy=True)  # out of the scratch buffer
+    library.gelu_rule_f64(torch.get_num_threads(), n, table(layouts))
+    return out.view(m.shape).to(x_a.dtype)
+
+
 silu = _unary(_rescale_silu, "silu", "silu(x) = x·σ(x)")
 softplus = _unary(_rescale_softplus, "softplus", "softplus(x; beta=1.0, threshold=20.0)")
 sigmoid = _unary(_rescale_sigmoid, "sigmoid", "sigmoid(x)")
