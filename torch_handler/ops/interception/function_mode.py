@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_handler.errors import DoubledBatchError, UnsupportedOpError, UnsupportedOpWarning
+from torch_handler.ops.interception import attention_block
 from torch_handler.ops.interception import batch_axis as ba
 from torch_handler.ops.interception._shared import UNKNOWN, _flat, _inplace, _tensors
 from torch_handler.ops.interception.batch_axis import Axis
@@ -158,6 +159,10 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         if name in _PASS:
             return func(*args, **kwargs)
         if name in _STEP_INTO:
+            if name == "multi_head_attention_forward":
+                block = attention_block.read(self, func, args, kwargs)
+                if block is not None:  # the plain form, as one call (see attention_block)
+                    return block
             if _HAS_REDISPATCH:
                 with self:
                     return torch.overrides.redispatch_function(func, types, args, kwargs)

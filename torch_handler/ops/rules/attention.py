@@ -114,7 +114,10 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
         # In the operand's dtype, unless it was broadcast over the batch axes (its multipliers are
         # then summed over them below, in float64 as the torch rule does).
         whole = a.shape[1:] == (*batch, *a.shape[-2:]) and a.dtype in IN_PLACE
-        out = torch.empty((2, N, G, *a.shape[-2:]), dtype=a.dtype if whole else torch.float64)
+        # Laid out (rows, 2, N, G, cols) in memory, as attention's projections are (the heads split
+        # off a (T, 2N, E) tensor): the multipliers then merge back without a copy.
+        rows, cols = a.shape[-2:]
+        out = torch.empty((rows, 2, N, G, cols), dtype=a.dtype if whole else torch.float64).permute(1, 2, 3, 0, 4)
         layouts.append(halves(out[0], out[1], keep))
         results.append(out)
     work = scratch(torch.get_num_threads() * library.sdpa_work_f64(L, S, E, F))
