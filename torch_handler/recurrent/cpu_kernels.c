@@ -978,55 +978,6 @@ static inline void NAME(row_times)(REAL *restrict out, const REAL *restrict coef
     }
 }
 
-/* Two rows of a product at once: out0 = Σ_t coef0[t * step] mat[t * ld + ...] and out1 likewise
- * with coef1, each matrix row loaded once for both (row_times loads it once per output row: its
- * narrow products, two vectors of columns, wait on the loads rather than the FMAs). The sums
- * run in row_times' order (even and odd t apart, then added), so the values are the same; for
- * four vectors of columns and more, row_times itself, per row. */
-static inline void NAME(rows2_times)(REAL *restrict out0, REAL *restrict out1, const REAL *restrict coef0,
-                                     const REAL *restrict coef1, int64_t n, int64_t step, const REAL *restrict mat,
-                                     int64_t ld, int64_t cols)
-{
-    int64_t c = 0;
-    if (cols < 4 * VL)
-        for (; c + 2 * VL <= cols; c += 2 * VL) {
-            NAME(vec) a0 = SPLAT(0), a1 = SPLAT(0), a2 = SPLAT(0), a3 = SPLAT(0);
-            NAME(vec) b0 = SPLAT(0), b1 = SPLAT(0), b2 = SPLAT(0), b3 = SPLAT(0);
-            int64_t t = 0;
-            for (; t + 1 < n; t += 2) {
-                const REAL *p0 = mat + t * ld + c, *p1 = p0 + ld;
-                const NAME(vec) x0 = NAME(load)(p0, VL), x1 = NAME(load)(p0 + VL, VL);
-                const NAME(vec) y0 = NAME(load)(p1, VL), y1 = NAME(load)(p1 + VL, VL);
-                const REAL w0 = coef0[t * step], w1 = coef0[(t + 1) * step];
-                const REAL u0 = coef1[t * step], u1 = coef1[(t + 1) * step];
-                a0 += w0 * x0;
-                a1 += w0 * x1;
-                a2 += w1 * y0;
-                a3 += w1 * y1;
-                b0 += u0 * x0;
-                b1 += u0 * x1;
-                b2 += u1 * y0;
-                b3 += u1 * y1;
-            }
-            if (t < n) {
-                const REAL *p0 = mat + t * ld + c;
-                const NAME(vec) x0 = NAME(load)(p0, VL), x1 = NAME(load)(p0 + VL, VL);
-                a0 += coef0[t * step] * x0;
-                a1 += coef0[t * step] * x1;
-                b0 += coef1[t * step] * x0;
-                b1 += coef1[t * step] * x1;
-            }
-            NAME(store)(out0 + c, a0 + a2, VL);
-            NAME(store)(out0 + c + VL, a1 + a3, VL);
-            NAME(store)(out1 + c, b0 + b2, VL);
-            NAME(store)(out1 + c + VL, b1 + b3, VL);
-        }
-    if (c < cols) {
-        NAME(row_times)(out0 + c, coef0, n, step, mat + c, ld, cols - c);
-        NAME(row_times)(out1 + c, coef1, n, step, mat + c, ld, cols - c);
-    }
-}
-
 /* Softmax over a row of S logits in both halves, first phase: z[h] (the logits, in place)
  * becomes z - c with c the max over both halves (common to the pair, so it cancels; 0 where
  * every logit is -inf), e[h] = exp(z) (0 below e^-708, so exactly 0 at -inf) and sum[h] = Σe. */
@@ -1131,26 +1082,16 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
         for (int64_t h = 0; h < 2; ++h)
             NAME(row_times)(mp[h], m[h] + i * F, F, 1, vbar_t, S, S);
         NAME(softmax_multipliers)(S, z, e, sum, mp, scale);
+        /* The bilinear rule of the scores, row i: m_q = (scale m_S) mean(k). */
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(row_times)(mq[h] + i * E, mp[h], S, 1, kbar, E, E);
     }
-    /* The bilinear rule of the scores, m_q = (scale m_S) mean(k), a row per query; and over every
-     * row, m_v = mean(P)ᵀ m and m_k = (scale m_S)ᵀ mean(q), a row of each per key; two rows at a
-     * time (rows2_times), the last one alone. */
-    for (int64_t h = 0; h < 2; ++h) {
-        int64_t i = 0;
-        for (; i + 1 < L; i += 2)
-            NAME(rows2_times)(mq[h] + i * E, mq[h] + (i + 1) * E, mx[h] + i * S, mx[h] + (i + 1) * S, S, 1, kbar, E, E);
-        if (i < L)
-            NAME(row_times)(mq[h] + i * E, mx[h] + i * S, S, 1, kbar, E, E);
-        int64_t j = 0;
-        for (; j + 1 < S; j += 2) {
-            NAME(rows2_times)(mv[h] + j * F, mv[h] + (j + 1) * F, pbar + j, pbar + j + 1, L, S, m[h], F, F);
-            NAME(rows2_times)(mk[h] + j * E, mk[h] + (j + 1) * E, mx[h] + j, mx[h] + j + 1, L, S, qbar, E, E);
-        }
-        if (j < S) {
+    /* Over every row: m_v = mean(P)ᵀ m and m_k = (scale m_S)ᵀ mean(q), a row of each per key. */
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < S; ++j) {
             NAME(row_times)(mv[h] + j * F, pbar + j, L, S, m[h], F, F);
             NAME(row_times)(mk[h] + j * E, mx[h] + j, L, S, qbar, E, E);
         }
-    }
 }
 
 /* The operands in place. Each is described by LAYOUT numbers of a table: the addresses of its
