@@ -1,9 +1,10 @@
-"""The float64 scratch memory of the op rules' compiled twins.
+"""How the op rules' compiled twins get their operands, and their float64 scratch memory.
 
 ``torch_handler/recurrent/cpu_kernels.c`` holds, beside the recurrent loops, the attention
-rule (``sdpa_rule_f64``) and the softmax rule over the last axis (``softmax_rule_f64``): the
-same formulas as ops/rules/attention.py and ops/rules/softmax.py, in float64, one row of scores
-at a time. The library is built and loaded by :mod:`torch_handler.recurrent.cpu_loops`
+rule (``sdpa_rule_f64``), the softmax rule over the last axis (``softmax_rule_f64``), the
+layer_norm / rms_norm rule (``norm_rule_f64``) and gelu's (``gelu_rule_f64``): the same
+formulas as ops/rules/attention.py, softmax.py, norms.py and unary.py, in float64, a row at a
+time. The library is built and loaded by :mod:`torch_handler.recurrent.cpu_loops`
 (compiled once per machine in the background, cached); until it is loaded, and wherever it does
 not serve (``cpu_kernels.serving``), the rules run as torch ops, with the same results to
 rounding (``tests/test_attention_kernel.py``).
