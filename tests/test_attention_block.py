@@ -162,3 +162,23 @@ def test_an_input_changed_in_place_after_the_attention_is_refused():
     x, background = data(torch.float64)
     with torch_handler.deeplift_mode(model), pytest.raises(RuntimeError, match="modified by an in-place"):
         DeepLiftShap(model).attribute(x, baselines=background, target=1)
+
+
+def test_a_call_torch_refuses_is_refused_by_torch():
+    """The block computes by its own calls, so it first makes the composite's shape checks; a call
+    that fails them is stepped into, where torch raises its own error."""
+
+    class WrongSize(Attending):
+        def forward(self, x):
+            h, _ = self.gru(x)
+            t = h.transpose(0, 1)
+            a = self.attention
+            out, _ = nn.functional.multi_head_attention_forward(
+                t, t, t, 16, 3, a.in_proj_weight, a.in_proj_bias, None, None, False, 0.0, a.out_proj.weight,
+                a.out_proj.bias, training=False, need_weights=False)
+            return self.out(out.mean(0))
+
+    model = WrongSize().double().eval()
+    x, background = data(torch.float64)
+    with torch_handler.deeplift_mode(model), pytest.raises(AssertionError, match="expecting embedding dimension"):
+        DeepLiftShap(model).attribute(x, baselines=background, target=1)

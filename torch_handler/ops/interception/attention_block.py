@@ -52,6 +52,8 @@ def read(mode, func, args, kwargs) -> tuple | None:
     )
     if not plain or not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
         return None
+    if not _consistent(query, key, value, p):
+        return None  # stepped into, torch's composite raises its own error
     weights = [p[name] for name in ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
                                      "q_proj_weight", "k_proj_weight", "v_proj_weight")]
     if any(isinstance(w, Tensor) and mode.axis_of(w) is not None for w in weights):
@@ -60,12 +62,28 @@ def read(mode, func, args, kwargs) -> tuple | None:
     batch = query.shape[1]
     if any(a is None or a is UNKNOWN or a != Axis(1, batch) for a in axes):
         return None  # a constant key or value, or the batch elsewhere: the calls inside handle it
-    if query.dtype not in (torch.float32, torch.float64) or p["embed_dim_to_check"] % p["num_heads"]:
+    if query.dtype not in (torch.float32, torch.float64):
         return None
     block = _Block(mode.rules["scaled_dot_product_attention"], query.detach(), key.detach(), value.detach(), p)
     result = _AttentionBlock.apply(block, query, key, value)
     mode.mark(result, Axis(1, batch))
     return result, None
+
+
+def _consistent(query: Tensor, key: Tensor, value: Tensor, p: dict) -> bool:
+    """The shape checks torch's composite makes before computing (the block computes by its own
+    calls): the embedding size, the heads dividing it, key and value alike, one batch size."""
+    embed, heads = p["embed_dim_to_check"], p["num_heads"]
+    if not isinstance(embed, int) or not isinstance(heads, int) or heads <= 0 or embed % heads:
+        return False
+    if query.shape[2] != embed or not query.shape[1] == key.shape[1] == value.shape[1]:
+        return False
+    if not isinstance(p["out_proj_weight"], Tensor):
+        return False
+    if p["use_separate_proj_weight"]:
+        return key.shape[0] == value.shape[0] and all(
+            isinstance(p[name], Tensor) for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    return key.shape == value.shape and isinstance(p["in_proj_weight"], Tensor)
 
 
 class _Block:
