@@ -1103,33 +1103,37 @@ static void NAME(sdpa_block)(int64_t L, int64_t S, int64_t E, int64_t F, REAL sc
  * attention model's 32 pairs); a block's few hundred numbers are converted here instead. */
 enum { OPERAND_Q, OPERAND_K, OPERAND_V, OPERAND_M, OPERAND_MQ, OPERAND_MK, OPERAND_MV, LAYOUT = 7 };
 
-/* dst (rows, cols), float64 contiguous <- block (n, g) of half h of the operand `op`. Rows of
- * contiguous columns (the usual layout) have loops of their own: with a stride known only at run
- * time the conversions ran an element at a time. */
+/* The element loop of load_block and store_block: `statement` for element (i, c) of a
+ * (rows, cols) block, at offset at_ in the operand (row stride sr, column stride sc). Rows of
+ * contiguous columns (the usual layout) have a loop of their own: with a stride known only at
+ * run time the conversions ran an element at a time. */
+#define BLOCK_ELEMENTS(statement)                                                             \
+    do {                                                                                      \
+        if (sc == 1)                                                                          \
+            for (int64_t i = 0; i < rows; ++i)                                                \
+                for (int64_t c = 0; c < cols; ++c) {                                          \
+                    const int64_t at_ = i * sr + c;                                           \
+                    statement;                                                                \
+                }                                                                             \
+        else                                                                                  \
+            for (int64_t i = 0; i < rows; ++i)                                                \
+                for (int64_t c = 0; c < cols; ++c) {                                          \
+                    const int64_t at_ = i * sr + c * sc;                                      \
+                    statement;                                                                \
+                }                                                                             \
+    } while (0)
+
+/* dst (rows, cols), float64 contiguous <- block (n, g) of half h of the operand `op`. */
 static void NAME(load_block)(REAL *restrict dst, const int64_t *op, int64_t h, int64_t n, int64_t g, int64_t rows,
                              int64_t cols)
 {
     const int64_t at = n * op[3] + g * op[4], sr = op[5], sc = op[6];
     if (op[2]) {
         const float *restrict p = (const float *)(intptr_t)op[h] + at;
-        if (sc == 1)
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    dst[i * cols + c] = (REAL)p[i * sr + c];
-        else
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    dst[i * cols + c] = (REAL)p[i * sr + c * sc];
+        BLOCK_ELEMENTS(dst[i * cols + c] = (REAL)p[at_]);
     } else {
         const double *restrict p = (const double *)(intptr_t)op[h] + at;
-        if (sc == 1)
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    dst[i * cols + c] = p[i * sr + c];
-        else
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    dst[i * cols + c] = p[i * sr + c * sc];
+        BLOCK_ELEMENTS(dst[i * cols + c] = p[at_]);
     }
 }
 
@@ -1140,26 +1144,13 @@ static void NAME(store_block)(const int64_t *op, int64_t h, int64_t n, int64_t g
     const int64_t at = n * op[3] + g * op[4], sr = op[5], sc = op[6];
     if (op[2]) {
         float *restrict p = (float *)(intptr_t)op[h] + at;
-        if (sc == 1)
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    p[i * sr + c] = (float)src[i * cols + c];
-        else
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    p[i * sr + c * sc] = (float)src[i * cols + c];
+        BLOCK_ELEMENTS(p[at_] = (float)src[i * cols + c]);
     } else {
         double *restrict p = (double *)(intptr_t)op[h] + at;
-        if (sc == 1)
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    p[i * sr + c] = src[i * cols + c];
-        else
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t c = 0; c < cols; ++c)
-                    p[i * sr + c * sc] = src[i * cols + c];
+        BLOCK_ELEMENTS(p[at_] = src[i * cols + c]);
     }
 }
+#undef BLOCK_ELEMENTS
 
 /* The blocks b0..b1-1 of sdpa_rule (block b is pair b / G's block b % G), each loaded into
  * float64 copies after the rule's own work, its multipliers stored from there. */

@@ -86,6 +86,12 @@ def _consistent(query: Tensor, key: Tensor, value: Tensor, p: dict) -> bool:
     return key.shape == value.shape and isinstance(p["in_proj_weight"], Tensor)
 
 
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """(T, B, E) -> (B, heads, T, E / heads), a view: the composite's head split."""
+    T, B, E = t.shape
+    return t.view(T, B * heads, E // heads).transpose(0, 1).view(B, heads, T, E // heads)
+
+
 class _Block:
     """One plain call: its forward by the composite's own calls, keeping the projections (the
     attention rule's operands) for its backward."""
@@ -96,11 +102,10 @@ class _Block:
         with torch.no_grad():
             self.q, self.k, self.v = self.projections()
             L, B, E = query.shape
-            heads, d = params["num_heads"], E // params["num_heads"]
+            heads = params["num_heads"]
             # torch's composite, call for call (need_weights=False, no mask, no dropout): the same
             # value as torch's (tests/test_attention_block.py compares them bit for bit).
-            qh, kh, vh = (t.view(t.shape[0], B * heads, d).transpose(0, 1).view(B, heads, t.shape[0], d)
-                          for t in (self.q, self.k, self.v))
+            qh, kh, vh = (_heads(t, heads) for t in (self.q, self.k, self.v))
             attended = functional.scaled_dot_product_attention(qh, kh, vh, None, 0.0, False)
             attended = attended.permute(2, 0, 1, 3).reshape(B * L, E)
             out = functional.linear(attended, params["out_proj_weight"], params["out_proj_bias"])
@@ -131,7 +136,7 @@ class _Block:
 
         def split(t: Tensor) -> Tensor:
             """(T, B, E) -> (2, N, heads, T, d): the composite's head split, in pairs (a view)."""
-            return t.view(t.shape[0], B * heads, d).transpose(0, 1).view(2, N, heads, t.shape[0], d)
+            return _heads(t, heads).view(2, N, heads, t.shape[0], d)
 
         def merge(m: Tensor) -> Tensor:
             """(2, N, heads, T, d) -> (T * B, E), the inverse of ``split`` (a view where the rule

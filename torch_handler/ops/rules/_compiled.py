@@ -25,6 +25,12 @@ IN_PLACE = (torch.float32, torch.float64)
 float64 either way); an operand of another dtype is handed over as a float64 copy."""
 
 
+def written_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes the multipliers of an operand of ``dtype`` in: its own where the
+    kernels write it (:data:`IN_PLACE`), else float64 (the caller converts them)."""
+    return dtype if dtype in IN_PLACE else torch.float64
+
+
 def scratch(numel: int) -> Tensor:
     """This thread's float64 scratch buffer of at least ``numel`` numbers, kept between calls.
 

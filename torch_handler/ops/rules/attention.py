@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pad_after_pair, _reduce_to
-from torch_handler.ops.rules._compiled import IN_PLACE, halves, scratch, table
+from torch_handler.ops.rules._compiled import halves, scratch, table, written_dtype
 from torch_handler.ops.rules.bilinear import _matmul_multipliers
 from torch_handler.ops.rules.softmax import _exp_sums, _softmax_input_multiplier
 from torch_handler.recurrent import cpu_kernels
@@ -113,11 +113,12 @@ def _compiled_rule(m: Tensor, actual, reference, additive: Tensor | None, scale:
     for a in actual:
         # In the operand's dtype, unless it was broadcast over the batch axes (its multipliers are
         # then summed over them below, in float64 as the torch rule does).
-        whole = a.shape[1:] == (*batch, *a.shape[-2:]) and a.dtype in IN_PLACE
+        whole = a.shape[1:] == (*batch, *a.shape[-2:])
         # Laid out (rows, 2, N, G, cols) in memory, as attention's projections are (the heads split
         # off a (T, 2N, E) tensor): the multipliers then merge back without a copy.
         rows, cols = a.shape[-2:]
-        out = torch.empty((rows, 2, N, G, cols), dtype=a.dtype if whole else torch.float64).permute(1, 2, 3, 0, 4)
+        dtype = written_dtype(a.dtype) if whole else torch.float64
+        out = torch.empty((rows, 2, N, G, cols), dtype=dtype).permute(1, 2, 3, 0, 4)
         layouts.append(halves(out[0], out[1], keep))
         results.append(out)
     work = scratch(torch.get_num_threads() * library.sdpa_work_f64(L, S, E, F))

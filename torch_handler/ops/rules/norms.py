@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
-from torch_handler.ops.rules._compiled import IN_PLACE, halves, scratch, table
+from torch_handler.ops.rules._compiled import halves, scratch, table, written_dtype
 from torch_handler.ops.rules.unary import _rescale_rsqrt, _rescale_sqrt
 from torch_handler.recurrent import cpu_kernels
 
@@ -98,7 +98,7 @@ def _compiled_norm(m: Tensor, x_a: Tensor, x_r: Tensor, weight, eps: float, coun
         return t.reshape(N, R, 1, n)  # a view unless the rows' dims do not merge
 
     keep: list = []
-    out = torch.empty((2, N, R, 1, n), dtype=x_a.dtype if x_a.dtype in IN_PLACE else torch.float64)
+    out = torch.empty((2, N, R, 1, n), dtype=written_dtype(x_a.dtype))
     layouts = [halves(rows(x_a), rows(x_r), keep), halves(rows(m[0]), rows(m[1]), keep), halves(out[0], out[1], keep)]
     w = None if weight is None else _f64(weight).reshape(n).contiguous()
     threads = torch.get_num_threads()
