@@ -101,6 +101,7 @@ def test_no_shap_names_the_extra(monkeypatch):
     (None, "PyTorchDeep"),
     ("PyTorchDeep", "shap_values"),
     ("PyTorchDeep", "add_handles"),
+    ("PyTorchDeep", "gradient"),
 ])
 def test_missing_shap_internal_is_named(monkeypatch, owner, name):
     target = deep_pytorch if owner is None else getattr(deep_pytorch, owner)
@@ -203,4 +204,4 @@ def test_describe_and_specifier():
     assert shap_range.specifier == ">=0.49.1,<0.55"
     assert shap_range.describe() == "shap>=0.49.1,<0.55 (CI runs 0.49.1 to 0.54.1)"
     assert versions.SHAP_INTERNALS == ("op_handler", "PyTorchDeep", "PyTorchDeep.shap_values",
-                                       "PyTorchDeep.add_handles")
+                                       "PyTorchDeep.add_handles", "PyTorchDeep.gradient")

@@ -1,6 +1,6 @@
 """Registering the rule in shap's DeepExplainer (PyTorch backend).
 
-``register()`` changes four things in ``shap.explainers._deep.deep_pytorch``, and
+``register()`` changes five things in ``shap.explainers._deep.deep_pytorch``, and
 ``unregister()`` puts each back exactly as it found it:
 
 1. ``op_handler[name]`` for each class of :data:`torch_handler.recurrent.registry.REGISTRY` (LSTM,
@@ -23,6 +23,9 @@
    rule: its forward hook asserts on the ``hx`` tuple, and its backward hook would only see
    ``x`` (a module hook cannot return multipliers for the state). Every other module gets
    shap's hooks as before.
+5. ``PyTorchDeep.gradient``, during a ``shap_values`` call of 3., answers shap's per-sample
+   calls from one pass over a chunk of samples (:mod:`torch_handler.engines.shap_batches`):
+   the same pairs and values, in a fraction of the passes. Any other call is shap's own.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from torch_handler.additivity import Diagnosis, check_additivity
+from torch_handler.engines import shap_batches
 from torch_handler.engines.versions import TESTED, shap_deep_pytorch
 from torch_handler.explanation import is_active
 from torch_handler.mode import ModelSnapshot, check_torchscript, deeplift_mode, recurrent_modules
@@ -280,7 +284,7 @@ def _make_shap_values(original):
         _validate_inputs(self, X)
         snapshot = ModelSnapshot(self.model)
         try:
-            with deeplift_mode(self.model):
+            with deeplift_mode(self.model), shap_batches.batched(self, X, ranked_outputs):
                 result = original(self, X, ranked_outputs, output_rank_order, check_additivity=False)
         finally:
             # shap removes its hooks only when it succeeds, and leaves _is_full_backward_hook set
@@ -364,11 +368,13 @@ def register() -> None:
             "__init__": cls.__dict__["__init__"],
             "shap_values": cls.__dict__["shap_values"],
             "add_handles": cls.__dict__["add_handles"],
+            "gradient": cls.__dict__["gradient"],
         }
         deep_pytorch.op_handler.update(OP_HANDLERS)
         cls.__init__ = _make_init(saved["__init__"])
         cls.shap_values = _make_shap_values(saved["shap_values"])
         cls.add_handles = _make_add_handles(saved["add_handles"])
+        cls.gradient = shap_batches.gradient(saved["gradient"])
         _saved = saved
 
 
@@ -388,6 +394,7 @@ def unregister() -> None:
         deep_pytorch.PyTorchDeep.__init__ = _saved["__init__"]
         deep_pytorch.PyTorchDeep.shap_values = _saved["shap_values"]
         deep_pytorch.PyTorchDeep.add_handles = _saved["add_handles"]
+        deep_pytorch.PyTorchDeep.gradient = _saved["gradient"]
         _saved = None
 
 

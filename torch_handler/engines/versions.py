@@ -165,6 +165,7 @@ SHAP_INTERNALS = (
     "PyTorchDeep",
     "PyTorchDeep.shap_values",
     "PyTorchDeep.add_handles",
+    "PyTorchDeep.gradient",
 )
 """What :func:`torch_handler.register` changes in ``shap.explainers._deep.deep_pytorch``."""
 
