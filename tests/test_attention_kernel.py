@@ -210,6 +210,33 @@ def test_compiled_softmax_matches_the_torch_rule(monkeypatch, threads, case, spr
     assert float((compiled - plain).abs().max()) <= bar * float(m.abs().max())
 
 
+@pytest.mark.parametrize("dim", [-1, -2])
+@pytest.mark.parametrize("layout", ["head-major-views", "unequal-strides", "bfloat16", "float64-views"])
+def test_compiled_softmax_reads_operands_in_place(monkeypatch, threads, layout, dim):
+    """The softmax kernel reads float32 and float64 logits and multipliers where they are (here
+    the halves of one (L, 2N, S) tensor stored step-major, and multipliers laid out likewise) and
+    writes the multipliers in their dtype; halves laid out differently and other dtypes go over
+    as float64 copies. Every layout against the torch rule."""
+    from torch_handler.ops.rules import softmax
+
+    N, L, S = 5, 6, 11
+    g = torch.Generator().manual_seed(6)
+    dtype = {"bfloat16": torch.bfloat16, "float64-views": torch.float64}.get(layout, torch.float32)
+    x = (torch.randn(L, 2 * N, S, generator=g) * 3).to(dtype).transpose(0, 1)
+    x_a, x_r = x[:N], x[N:]
+    m = torch.randn(L, 2, N, S, generator=g).to(dtype).permute(1, 2, 0, 3)
+    if layout == "unequal-strides":
+        x_r = x_r.contiguous()
+    monkeypatch.delenv(ENV, raising=False)
+    compiled = softmax._compiled_softmax(m, x_a, x_r, dim)
+    monkeypatch.setenv(ENV, "0")
+    (plain,) = softmax.softmax(m, (x_a,), (x_r,), dim=dim)
+    assert compiled.shape == plain.shape == m.shape and compiled.dtype == dtype
+    assert torch.isfinite(compiled).all()
+    bar = {torch.float64: FLOAT64_BAR, torch.bfloat16: 2.0**-7}.get(dtype, tolerance_for(torch.float32))
+    assert float((compiled.double() - plain.double()).abs().max()) <= bar * float(m.double().abs().max())
+
+
 def test_compiled_softmax_masked_and_shifted(monkeypatch):
     """Logits at -inf in both halves get zero multipliers; a reference shifted by a constant
     per row (softmax unchanged) gets zero attributions, as the torch rule gives."""

@@ -1191,26 +1191,34 @@ void NAME(sdpa_rule)(int64_t threads, int64_t N, int64_t G, int64_t L, int64_t S
     OVER_PAIRS(threads, N * G, NAME(sdpa_blocks)(p0, p1, G, L, S, E, F, scale, ops, mask, work + thread * w));
 }
 
-/* The softmax rule over the last axis alone (ops/rules/softmax.py's softmax), float64: x and
- * the multipliers m, out (2, R, S), halves first; work: per thread, 2 S numbers (z) + 2 S (e). */
-static void NAME(softmax_rows)(int64_t r0, int64_t r1, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out,
-                               REAL *work)
+/* The softmax rule over the last axis alone (ops/rules/softmax.py's softmax), float64 within:
+ * ops the layout table (see the operands' section above) of x, m and out, each (N, R, 1, S) per
+ * half, row r of the N R rows being (r / R, r % R); work: per thread, softmax_work numbers
+ * (the row's z, e and multipliers, both halves). */
+static void NAME(softmax_rows)(int64_t r0, int64_t r1, int64_t R, int64_t S, const int64_t *ops, REAL *work)
 {
-    REAL *z[2] = {work, work + S}, *e[2] = {work + 2 * S, work + 3 * S};
+    REAL *z[2] = {work, work + S}, *e[2] = {work + 2 * S, work + 3 * S}, *o[2] = {work + 4 * S, work + 5 * S};
     for (int64_t r = r0; r < r1; ++r) {
-        REAL *o[2] = {out + r * S, out + (R + r) * S}, sum[2];
+        REAL sum[2];
         for (int64_t h = 0; h < 2; ++h) {
-            memcpy(z[h], x + (h * R + r) * S, (size_t)S * sizeof(REAL));
-            memcpy(o[h], m + (h * R + r) * S, (size_t)S * sizeof(REAL));
+            NAME(load_block)(z[h], ops, h, r / R, r % R, 1, S);
+            NAME(load_block)(o[h], ops + LAYOUT, h, r / R, r % R, 1, S);
         }
         NAME(softmax_exp)(S, z, e, sum);
         NAME(softmax_multipliers)(S, z, e, sum, o, 1);
+        for (int64_t h = 0; h < 2; ++h)
+            NAME(store_block)(ops + 2 * LAYOUT, h, r / R, r % R, o[h], 1, S);
     }
 }
 
-void NAME(softmax_rule)(int64_t threads, int64_t R, int64_t S, const REAL *x, const REAL *m, REAL *out, REAL *work)
+int64_t NAME(softmax_work)(int64_t S)
 {
-    OVER_PAIRS(threads, R, NAME(softmax_rows)(p0, p1, R, S, x, m, out, work + thread * 4 * S));
+    return 6 * S;
+}
+
+void NAME(softmax_rule)(int64_t threads, int64_t rows, int64_t R, int64_t S, const int64_t *ops, REAL *work)
+{
+    OVER_PAIRS(threads, rows, NAME(softmax_rows)(p0, p1, R, S, ops, work + thread * NAME(softmax_work)(S)));
 }
 
 /* a[0] b[0] + ... + a[n-1] b[n-1], a vector of partial sums at a time (as total). */

@@ -514,9 +514,9 @@ def _declare(library: ctypes.CDLL) -> None:
         "rnn_backward": [i64] * 4 + [ptr] * 3 + [i64] + [ptr] * 3 + grad + [i64],
     }
     library.packed_block_bytes.argtypes, library.packed_block_bytes.restype = [], i64
-    ops = {"sdpa_work_f64": ([i64] * 4, i64), "norm_work_f64": ([i64], i64),
+    ops = {"sdpa_work_f64": ([i64] * 4, i64), "norm_work_f64": ([i64], i64), "softmax_work_f64": ([i64], i64),
            "sdpa_rule_f64": ([i64] * 7 + [ctypes.c_double] + [ptr] * 3, None),
-           "softmax_rule_f64": ([i64] * 3 + [ptr] * 4, None),
+           "softmax_rule_f64": ([i64] * 4 + [ptr] * 2, None),
            "norm_rule_f64": ([i64] * 5 + [ctypes.c_double] + [ptr] * 3, None),
            "gelu_rule_f64": ([i64] * 2 + [ptr], None)}  # the op rules' kernels (float64 only)
     for name, (argtypes, restype) in ops.items():

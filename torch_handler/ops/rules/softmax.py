@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
-from torch_handler.ops.rules._compiled import scratch
+from torch_handler.ops.rules._compiled import halves, scratch, table, written_dtype
 from torch_handler.ops.rules.unary import _rescale_exp, _rescale_log
 from torch_handler.recurrent import cpu_kernels
 
@@ -69,7 +69,8 @@ def softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
 def _compiled_softmax(m: Tensor, x_a: Tensor, x_r: Tensor, dim: int) -> Tensor | None:
     """The softmax rule in one call of the compiled CPU library (``softmax_rule_f64``: the same
     formulas in float64, a row at a time, the Rescale factors of exp from the exponentials it
-    already has), or None where it does not serve (see ``cpu_kernels.serving``; an empty tensor).
+    already has), in ``x_a``'s dtype, the operands read in place; or None where it does not
+    serve (see ``cpu_kernels.serving``; an empty tensor).
 
     Why: as torch ops the rule is some twenty float64 passes over the logits, each a fresh
     allocation; attention scores of a few hundred pairs make them MBs each.
@@ -78,18 +79,20 @@ def _compiled_softmax(m: Tensor, x_a: Tensor, x_r: Tensor, dim: int) -> Tensor |
     if library is None or x_a.numel() == 0:
         return None
     moved = x_a.movedim(dim, -1).shape
-    S = moved[-1]
-    R = x_a.numel() // S
+    N, S = moved[0], moved[-1]
+    R = x_a.numel() // (N * S)  # rows per pair
+
+    def rows(t: Tensor) -> Tensor:
+        return t.movedim(dim, -1).reshape(N, R, 1, S)  # a view unless the rows' dims do not merge
+
+    keep: list = []
+    out = torch.empty((2, N, R, 1, S), dtype=written_dtype(x_a.dtype))
+    layouts = [halves(rows(x_a), rows(x_r), keep), halves(rows(m[0]), rows(m[1]), keep), halves(out[0], out[1], keep)]
     threads = torch.get_num_threads()
-    buffer = scratch(6 * R * S + threads * 4 * S)
-    x, m64, out = (buffer[k * 2 * R * S:(k + 1) * 2 * R * S].view(2, *moved) for k in range(3))
-    x[0].copy_(x_a.movedim(dim, -1))
-    x[1].copy_(x_r.movedim(dim, -1))
-    m64.copy_(m.movedim(dim, -1))
-    work = buffer[6 * R * S:]
+    work = scratch(threads * library.softmax_work_f64(S))
     # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.softmax_rule_f64(threads, R, S, x.data_ptr(), m64.data_ptr(), out.data_ptr(), work.data_ptr())
-    return out.movedim(-1, dim).to(x_a.dtype, copy=True)  # out of the scratch buffer
+    library.softmax_rule_f64(threads, N * R, R, S, table(layouts), work.data_ptr())
+    return out.view(2, *moved).movedim(-1, dim).to(x_a.dtype)
 
 
 def log_softmax(m: Tensor, actual, reference, *, dim: int) -> Multipliers:
