@@ -18,7 +18,10 @@ Variants, timed as users run them (the explainer built and called each time):
 * Captum alone: ``DeepLiftShap(model).attribute(X, baselines=bg, target=0)``;
 * Captum + lib: the same inside ``torch_handler.deeplift_mode(model)``.
 
-Steady state: median of interleaved repeats after warm-up, in one process. First call: each
+Steady state: median of interleaved repeats after warm-up, in one process: at least
+``--repeats``, and as many as take about a second of the model's slowest variant (up to 200:
+the demo's calls take a few milliseconds, and seven of them sample 50 ms of a VM whose speed
+wanders within seconds). First call: each
 lib variant's first call in a fresh interpreter whose ``LSTM_DEEPSHAP_CACHE`` is an empty
 temporary folder (so the compiled CPU loops are not on disk; shap / Captum already imported, as
 a user's script does before it explains), minus that process's steady state (measured once
@@ -35,6 +38,7 @@ run as one call (``torch_handler/ops/interception/attention_block.py``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +56,7 @@ from torch import nn  # noqa: E402
 from whole_models import _recurrent_rules_only  # noqa: E402  (interception off, as measured there)
 
 SAMPLES, BACKGROUND = 8, 32
+SECONDS_PER_VARIANT, MAX_REPEATS = 1.0, 200
 TARGETS = {"shap + lib": 1.3, "Captum + lib": 1.3, "MHA interception": 1.3, "first call (s)": 1.0}
 
 
@@ -190,15 +195,22 @@ def run(out="out", repeats: int = 9, seed: int = 0, quick: bool = False, first: 
         mha_rows: int = 32) -> dict:
     threads = torch.get_num_threads()
     print(f"engine_paths: {SAMPLES} samples, {BACKGROUND} background rows, float32, CPU, torch "
-          f"threads {threads}, median of {repeats} interleaved repeats after 2 warm-up; load "
-          f"average {os.getloadavg()[0]:.2f}")
-    rows, raw = [], {}
+          f"threads {threads}, median of at least {repeats} interleaved repeats after 2 warm-up (as "
+          f"many as take {SECONDS_PER_VARIANT:g} s of the slowest variant); load average "
+          f"{os.getloadavg()[0]:.2f}")
+    rows, raw, repeats_of = [], {}, {}
     for name in MODELS:
         model, X, bg = make(name, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # shap alone: "unrecognized nn.Module"
-            times = common.interleaved_times(variants(model, X, bg), repeats, 2, torch.device("cpu"))
+            fns = variants(model, X, bg)
+            probe = common.interleaved_times(fns, 1, 2, torch.device("cpu"))
+            # A few-millisecond call timed 7 times is a median of 50 ms of a VM whose speed
+            # wanders by 2x within seconds: small models get more repeats.
+            n = max(repeats, min(MAX_REPEATS, math.ceil(SECONDS_PER_VARIANT / max(max(v) for v in probe.values()))))
+            times = common.interleaved_times(fns, n, 0, torch.device("cpu"))
         t = {k: common.median(v) for k, v in times.items()}
+        repeats_of[name] = n
         raw[name] = times
         firsts = {}
         if first:
@@ -231,7 +243,7 @@ def run(out="out", repeats: int = 9, seed: int = 0, quick: bool = False, first: 
           f"{mha_rows} + {mha_rows} rows")
     print(common.table(list(mha), [list(mha.values())]))
     result = {"benchmark": "engine_paths", "rows": rows, "mha": mha, "raw": raw, "mha_raw": mt,
-              "repeats": repeats, "machine": common.machine()}
+              "repeats": repeats_of, "machine": common.machine()}
     print(f"wrote {common.write_json(out, f'engine_paths_{threads}threads', result)}")
     return result
 

@@ -197,3 +197,30 @@ def test_the_loops_serve_only_what_they_compile(monkeypatch):
     assert cpu_kernels.enabled(rule, projected, 2, cpu, torch.float32, None) is False
     monkeypatch.setenv(fused_loops.ENV, "0")
     assert cpu_kernels.enabled(rule, weights, 2, cpu, torch.float32, None) is False
+
+
+def test_short_sequences_are_one_backward_chunk(monkeypatch):
+    """A window of a few steps is one chunk (chunks of one or two steps cost more in calls than
+    in arithmetic) unless it is large; longer sequences keep the cache-sized chunks; the
+    attributions are the same either way."""
+    from torch_handler.recurrent import function
+
+    assert function.chunk_steps(8, 256, 160) == 8  # the demo's window, Captum's 8 x 32 pairs
+    assert function.chunk_steps(8, 4096, 160) == 1  # too large: a step at a time
+    assert function.chunk_steps(100, 8, 640) == 25  # a longer sequence: a quarter
+    assert function.chunk_steps(50, 256, 320) == 3
+    torch.manual_seed(0)
+    model = nn.LSTM(3, 16, batch_first=True).double()
+    x, r = torch.randn(4, 8, 3, dtype=torch.float64), torch.randn(4, 8, 3, dtype=torch.float64)
+
+    def multipliers():
+        batch = torch.cat([x, r]).requires_grad_()
+        with torch_handler.deeplift_mode(model):
+            out, _ = model(batch)
+            return torch.autograd.grad(out[:4].sum(), batch)[0]
+
+    whole = multipliers()
+    monkeypatch.setattr(function, "SHORT_SEQUENCE_STEPS", 0)
+    monkeypatch.setattr(function, "CHUNK_ELEMENTS", 2 * 4 * 16 * 4)  # two steps a chunk
+    assert function.chunk_steps(8, 4, 64) == 2
+    assert relative(whole, multipliers()) <= 1e-14
