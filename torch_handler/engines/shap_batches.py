@@ -42,7 +42,6 @@ class _Plan:
     """What shap's loop will ask ``gradient`` for, and the chunk computed last."""
 
     def __init__(self, explainer, X: list):
-        self.explainer = explainer
         self.X = X
         self.data = list(explainer.data)
         self.samples = X[0].shape[0]
@@ -97,9 +96,9 @@ class _Plan:
     def rows(self, j: int, inputs) -> list:
         """Sample ``j``'s gradients as shap's ``gradient`` returns them: per input, a numpy
         array over its 2·S rows (the input half, then the background half)."""
-        _, a, _, grads = self.chunk
-        S, pairs = self.references, (self.chunk[2] - a) * self.references
-        lo = (j - a) * S
+        _, a, b, grads = self.chunk
+        S = self.references
+        pairs, lo = (b - a) * S, (j - a) * S
         out = []
         for g, z in zip(grads, inputs, strict=True):
             if g is None:  # shap's own answer for an input the output does not depend on

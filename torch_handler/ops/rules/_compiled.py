@@ -67,3 +67,14 @@ def table(layouts: list[list[int]]) -> ctypes.Array:
     """The operands' layouts (see :func:`halves`) as the one int64 array a kernel reads."""
     flat = [number for layout in layouts for number in layout]
     return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def x_m_out(x_a: Tensor, x_r: Tensor, m_a: Tensor, m_r: Tensor, shape: tuple) -> tuple[ctypes.Array, Tensor, list]:
+    """The operands of a row kernel (the softmax, norm and GELU rules): the layout table of x,
+    its output's multipliers m and the result out, each of ``shape`` per half; out itself,
+    (2, *shape) in the dtype the kernel writes (:func:`written_dtype`); and the tensors whose
+    addresses the table holds, for the caller to keep by a name until the kernel returns."""
+    keep: list = []
+    out = torch.empty((2, *shape), dtype=written_dtype(x_a.dtype))
+    layouts = [halves(x_a, x_r, keep), halves(m_a, m_r, keep), halves(out[0], out[1], keep)]
+    return table(layouts), out, keep

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
-from torch_handler.ops.rules._compiled import halves, scratch, table, written_dtype
+from torch_handler.ops.rules._compiled import scratch, x_m_out
 from torch_handler.ops.rules.unary import _rescale_rsqrt, _rescale_sqrt
 from torch_handler.recurrent import cpu_kernels
 
@@ -97,14 +97,12 @@ def _compiled_norm(m: Tensor, x_a: Tensor, x_r: Tensor, weight, eps: float, coun
     def rows(t: Tensor) -> Tensor:
         return t.reshape(N, R, 1, n)  # a view unless the rows' dims do not merge
 
-    keep: list = []
-    out = torch.empty((2, N, R, 1, n), dtype=written_dtype(x_a.dtype))
-    layouts = [halves(rows(x_a), rows(x_r), keep), halves(rows(m[0]), rows(m[1]), keep), halves(out[0], out[1], keep)]
+    ops, out, keep = x_m_out(rows(x_a), rows(x_r), rows(m[0]), rows(m[1]), (N, R, 1, n))
     w = None if weight is None else _f64(weight).reshape(n).contiguous()
     threads = torch.get_num_threads()
     work = scratch(threads * library.norm_work_f64(n))
-    # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.norm_rule_f64(threads, N * R, R, n, int(centre), float(eps), table(layouts),
+    # Every tensor whose address the kernel gets is held by a name until it returns (keep, w, work).
+    library.norm_rule_f64(threads, N * R, R, n, int(centre), float(eps), ops,
                           None if w is None else w.data_ptr(), work.data_ptr())
     return out.view(m.shape).to(x_a.dtype)
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from torch_handler.ops.rules._common import Multipliers, _f64, _pair_dims, _unsqueeze_dims
-from torch_handler.ops.rules._compiled import halves, scratch, table, written_dtype
+from torch_handler.ops.rules._compiled import scratch, x_m_out
 from torch_handler.ops.rules.unary import _rescale_exp, _rescale_log
 from torch_handler.recurrent import cpu_kernels
 
@@ -85,13 +85,11 @@ def _compiled_softmax(m: Tensor, x_a: Tensor, x_r: Tensor, dim: int) -> Tensor |
     def rows(t: Tensor) -> Tensor:
         return t.movedim(dim, -1).reshape(N, R, 1, S)  # a view unless the rows' dims do not merge
 
-    keep: list = []
-    out = torch.empty((2, N, R, 1, S), dtype=written_dtype(x_a.dtype))
-    layouts = [halves(rows(x_a), rows(x_r), keep), halves(rows(m[0]), rows(m[1]), keep), halves(out[0], out[1], keep)]
+    ops, out, keep = x_m_out(rows(x_a), rows(x_r), rows(m[0]), rows(m[1]), (N, R, 1, S))
     threads = torch.get_num_threads()
     work = scratch(threads * library.softmax_work_f64(S))
-    # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.softmax_rule_f64(threads, N * R, R, S, table(layouts), work.data_ptr())
+    # Every tensor whose address the kernel gets is held by a name until it returns (keep, work).
+    library.softmax_rule_f64(threads, N * R, R, S, ops, work.data_ptr())
     return out.view(2, *moved).movedim(-1, dim).to(x_a.dtype)
 
 

@@ -20,7 +20,7 @@ from torch_handler.ops.rules._common import (
     _scaled,
     _where_zero,
 )
-from torch_handler.ops.rules._compiled import halves, table, written_dtype
+from torch_handler.ops.rules._compiled import x_m_out
 from torch_handler.recurrent import cpu_kernels
 from torch_handler.recurrent.rules import rescale_sigmoid, rescale_tanh
 
@@ -335,11 +335,9 @@ def _compiled_gelu(m: Tensor, x_a: Tensor, x_r: Tensor) -> Tensor | None:
         return None
     n = x_a.numel()
     flat = [t.reshape(-1).contiguous() for t in (x_a, x_r, m[0], m[1])]  # views where contiguous
-    keep: list = []
-    out = torch.empty((2, n), dtype=written_dtype(x_a.dtype))
-    layouts = [halves(flat[0], flat[1], keep), halves(flat[2], flat[3], keep), halves(out[0], out[1], keep)]
-    # Every tensor whose address the kernel gets is held by a name until it returns.
-    library.gelu_rule_f64(torch.get_num_threads(), n, table(layouts))
+    ops, out, keep = x_m_out(*flat, (n,))
+    # Every tensor whose address the kernel gets is held by a name until it returns (keep).
+    library.gelu_rule_f64(torch.get_num_threads(), n, ops)
     return out.view(m.shape).to(x_a.dtype)
 
 
