@@ -62,6 +62,40 @@ def test_no_layout_where_rows_do_not_repeat_or_the_states_differ():
     assert layout is None or torch.equal(layout.compact(broken, ())[0].index_select(1, layout.index), broken)
 
 
+def full_scan(halves):
+    """The patterns from every step's rows at once (what detect did before it looked at the
+    first step first)."""
+    same_as_first = (halves == halves[:, :, :1]).all(3).all(0).tolist()
+    return tuple(row_layout._pattern(halves[:, k], same_as_first[k], scanned=True) for k in (0, 1))
+
+
+def test_the_first_step_proposes_and_the_full_scan_decides():
+    # One-hot rows and a few distinct values make rows equal at the first step but not later:
+    # the layout must be the full scan's in every case, and it must rebuild the batch.
+    generator = torch.Generator().manual_seed(3)
+    found = set()
+    for case in range(600):
+        T, n, s = 1 + case % 4, 1 + case % 5, 1 + (case // 5) % 6
+        x = torch.randint(0, 2, (T, n, 2), generator=generator).float()
+        r = torch.randint(0, 2, (T, s, 2), generator=generator).float()
+        batch = doubled(x, r, "deep_shap")
+        if case % 3 == 0:  # a layout broken after the first step
+            batch[-1, torch.randint(0, batch.shape[1], (1,), generator=generator), 0] += 1
+        halves = batch.reshape(T, 2, batch.shape[1] // 2, -1)
+        patterns = row_layout._patterns(halves)
+        assert patterns == full_scan(halves), (case, T, n, s)
+        found.update(kind for kind, _ in patterns)
+        layout = row_layout.detect(batch, ())
+        if layout is not None:
+            assert torch.equal(layout.compact(batch, ())[0].index_select(1, layout.index), batch)
+    assert found == {"runs", "period", "rows"}  # every branch was taken
+    # every row equal at the first step, and not later: not one run
+    same_start = torch.randn(4, 8, 3, generator=generator)
+    same_start[0] = same_start[0, :1]
+    halves = same_start.reshape(4, 2, 4, 3)
+    assert row_layout._patterns(halves) == full_scan(halves) == (("rows", 4), ("rows", 4))
+
+
 def layer(kind, dtype, x, hidden=20):
     torch.manual_seed(7)
     rule = RULES[kind]()
