@@ -177,3 +177,67 @@ def test_other_explainers_and_threads_keep_shaps_gradient():
     finally:
         torch_handler.unregister()
     assert PyTorchDeep.__dict__["gradient"] is original
+
+
+class LargestBatchState(nn.Module):
+    """An initial state kept for a largest batch of 4·S rows and sliced to the batch: shap's
+    2·S rows fit, a chunk of every sample's pairs does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(F, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+        self.register_buffer("h0", torch.zeros(1, 4 * S, 8))
+        self.register_buffer("c0", torch.zeros(1, 4 * S, 8))
+
+    def forward(self, x):
+        B = x.shape[0]
+        out, _ = self.rnn(x, (self.h0[:, :B], self.c0[:, :B]))
+        return self.head(out[:, -1])
+
+
+def test_a_chunk_the_model_refuses_goes_to_shap():
+    """What works one sample at a time still works: the failed chunk hands over to shap."""
+    torch.manual_seed(4)
+    model = LargestBatchState().double().eval()
+    background, X = torch.randn(S, T, F, dtype=torch.float64), torch.randn(N, T, F, dtype=torch.float64)
+    with per_sample():
+        expected = explain(model, background, X)
+    rows, handle = passes(model)
+    try:
+        values = explain(model, background, X)
+    finally:
+        handle.remove()
+    # the constructor's forward, the probe (8 rows), the chunk that raised (2·N·S rows), then
+    # shap's own passes: every sample of both outputs, and the additivity check's forward
+    assert rows == [S, 8, 2 * N * S] + [2 * S] * (2 * N) + [N]
+    assert np.abs(values - expected).max() / scale(expected) <= TOLERANCE[torch.float64]
+    assert additivity_error(model, background, X, values) <= TOLERANCE[torch.float64]
+    assert not shap_batches._local.plans
+
+
+class GridOutput(nn.Module):
+    """Outputs (B, 3, 2): shap's gradient selects outputs[:, i], which is not one per row."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(F, 8, batch_first=True)
+        self.head = nn.Linear(8, 6)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1]).view(x.shape[0], 3, 2)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_outputs_shap_refuses_get_shaps_error(check):
+    """A sum over the extra output axis would answer where shap's own gradient raises."""
+    torch.manual_seed(5)
+    model = GridOutput().eval()
+    background, X = torch.randn(S, T, F), torch.randn(N, T, F)
+    with per_sample(), pytest.raises(RuntimeError) as own:
+        explain(model, background, X, check_additivity=check)
+    with pytest.raises(RuntimeError) as batched:
+        explain(model, background, X, check_additivity=check)
+    assert str(batched.value) == str(own.value)
+    assert "scalar outputs" in str(batched.value)

@@ -13,8 +13,18 @@ uses, with shap's own output selection (the sum of output ``i`` over every row).
 other calls then read their rows. Each row's gradient still comes from its own pair (the
 recurrent rules, the intercepted ops and shap's hooks all work pair by pair on the batch's two
 halves), so the values equal the per-sample loop's to rounding
-(``tests/test_shap_batches.py``). Chunks are sized by the memory budget ``deep_shap`` uses
-(:mod:`torch_handler.dataset.chunking`).
+(``tests/test_shap_batches.py``) for every model whose rows do not interact; a model that
+computes statistics over its batch gives other values on any other batch, shap's included (and
+shap's additivity check then fails on both). Chunks are sized by the memory budget
+``deep_shap`` uses (:mod:`torch_handler.dataset.chunking`). The model's ``forward`` runs fewer
+times (a probe of a few pairs, then once per chunk and output), which only a model that
+counts its calls or keeps state across them can notice.
+
+A chunk pass that fails (a model that takes shap's 2·S rows but not a chunk's, such as an
+initial state sized for a largest batch), or a model output other than (B, C) (shap's own
+``gradient`` refuses those with its own error), hands the call and the rest of the loop to
+shap's own ``gradient``: what works one sample at a time still works, and what fails fails
+with shap's error.
 
 Each call checks that shap asks for what the plan expects (output ``i`` of sample ``j``, in
 shap's loop order, with sample ``j``'s rows); any other call, and every call after it, goes to
@@ -36,6 +46,10 @@ from torch_handler.dataset.chunking import PROBE_PAIRS, choose_pairs, pair_bytes
 
 ENV = "LSTM_DEEPSHAP_SHAP_BATCHES"
 _local = threading.local()
+
+
+class _Unplanned(Exception):
+    """The model's chunk pass cannot stand for shap's per-sample passes."""
 
 
 class _Plan:
@@ -89,7 +103,12 @@ class _Plan:
             .requires_grad_()
             for x, d in zip(self.X, self.data, strict=True)
         ]
-        out = model(*batch)[:, i]
+        out = model(*batch)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            # shap's own gradient selects outputs[:, i] per row: it explains (B, C) outputs only
+            # and raises its own error on others, which a sum over extra axes must not hide.
+            raise _Unplanned(f"the model returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        out = out[:, i]
         grads = torch.autograd.grad(out, batch, torch.ones_like(out), allow_unused=True)
         self.chunk = (i, a, b, [None if g is None else g.detach() for g in grads])
 
@@ -125,7 +144,17 @@ def gradient(original):
         if chunk is None or chunk[0] != i or not chunk[1] <= j < chunk[2]:
             plan.chunk = None  # the previous chunk's gradients go before the next are made
             self.model.zero_grad()
-            plan.compute(self.model, i, j)
+            try:
+                plan.compute(self.model, i, j)
+            except Exception:
+                # The chunk is an optimisation, so nothing it alone meets may reach the user:
+                # a model that takes shap's 2·S rows but not a chunk's (an initial state sized
+                # for a largest batch, a memory limit), or outputs shap itself refuses. shap's
+                # own gradient answers this call and the rest, and raises its own error where
+                # the model fails on shap's passes too.
+                plan.active, plan.chunk = False, None
+                self.model.zero_grad()
+                return original(self, idx, inputs)
         return plan.rows(j, inputs)
 
     batched_gradient.__wrapped__ = original
