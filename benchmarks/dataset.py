@@ -22,7 +22,9 @@ Sections:
 * ``shap``: against ``shap.DeepExplainer`` with ``register()`` on the same inputs, references and
   outputs (demo 64 inputs x 32 references; classifier 8 x 32, all 5 outputs), as users run it
   (shap's gradients a chunk of samples at a time, ``torch_handler/engines/shap_batches.py``) and
-  with shap's own pass per sample and output (``LSTM_DEEPSHAP_SHAP_BATCHES=0``);
+  with shap's own pass per sample and output (``LSTM_DEEPSHAP_SHAP_BATCHES=0``), and plain shap
+  (no library, its additivity check off: item 3's yardstick), with the range of times of shap
+  + ``register()`` within which item 1's target and item 3's bar can both hold;
 * ``memory``: peak RSS (VmHWM of a fresh process each) of ``deep_shap(..., out=...)`` over
   10^5 and 10^4 sequences generated lazily by a Dataset, and the time of the 10^5 run; the time
   for 10^6 sequences is extrapolated from it (x10) and, at the model's full T, from the
@@ -49,6 +51,8 @@ from torch import nn
 
 from torch_handler.engines import shap_batches
 
+TARGETS_AGAINST_SHAP = {"demo": 5.0, "classifier": 2.0}  # issue 20, item 1: deep_shap's speedup over shap
+ITEM3_BAR = 1.3  # issue 20, item 3: shap + register() (check on) at most this times plain shap (check off)
 REFERENCES_10E5 = 4  # references per sequence in the 10^5 / 10^6 runs
 SHORT_T = {"demo": 8, "classifier": 5, "genomics": 20}
 
@@ -199,18 +203,32 @@ def against_shap(repeats: int, quick: bool) -> list[dict]:
             finally:
                 del os.environ[shap_batches.ENV]
 
+        def plain(model=model, x=x, r=r):  # shap alone, its check off: item 3's yardstick
+            return shap.DeepExplainer(model, r).shap_values(x, check_additivity=False)
+
         def ours(model=model, x=x, r=r, outputs=outputs):
             return torch_handler.deep_shap(model, x, r, outputs=outputs or [0])
 
         difference = float(abs(ours().numpy() - with_shap()).max())
-        times = common.interleaved_times({"shap": with_shap, "shap per sample": per_sample, "deep_shap": ours},
-                                         repeats, 1, torch.device("cpu"))
-        speedup = common.median(times["shap"]) / common.median(times["deep_shap"])
-        per_sample_speedup = common.median(times["shap per sample"]) / common.median(times["deep_shap"])
+        times = common.interleaved_times({"shap": with_shap, "shap per sample": per_sample, "plain shap": plain,
+                                          "deep_shap": ours}, repeats, 1, torch.device("cpu"))
+        median = {name: common.median(t) for name, t in times.items()}
+        speedup = median["shap"] / median["deep_shap"]
+        per_sample_speedup = median["shap per sample"] / median["deep_shap"]
+        # Issue 20 bounds the time of shap + register() from both sides: item 3 from above
+        # (<= 1.3x plain shap), item 1 from below (>= target x deep_shap). Both hold only if
+        # it falls in [target x deep_shap, 1.3x plain shap], whatever register() does.
+        target = TARGETS_AGAINST_SHAP[name]
+        window = (target * median["deep_shap"], ITEM3_BAR * median["plain shap"])
         rows.append({"model": name, "inputs": n, "references": s, "outputs": 5 if outputs else 1,
                      "speedup": speedup, "speedup_per_sample": per_sample_speedup,
+                     "deep_shap_over_plain": median["deep_shap"] / median["plain shap"],
+                     "shap_over_plain": median["shap"] / median["plain shap"],
+                     "shap_per_sample_over_plain": median["shap per sample"] / median["plain shap"],
+                     "target": target, "window_ms": [w * 1e3 for w in window],
                      "max_abs_difference": difference, "times": times})
-        print(f"  shap {name}: {speedup:.1f}x ({per_sample_speedup:.1f}x per sample)", flush=True)
+        print(f"  shap {name}: {speedup:.1f}x ({per_sample_speedup:.1f}x per sample); both bars hold for shap + "
+              f"register() in {_window(*(w * 1e3 for w in window))} ms", flush=True)
     return rows
 
 
@@ -285,6 +303,10 @@ def memory(quick: bool, throughput_rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------ main
 
 
+def _window(low: float, high: float) -> str:
+    return f"[{low:.1f}, {high:.1f}]" if low <= high else f"none ({low:.1f} > {high:.1f})"
+
+
 def report(results: dict) -> None:
     if "throughput" in results:
         print("\nOne output, CPU: deep_shap vs native forward+backward over the same doubled batches (target >= 0.8x)")
@@ -304,6 +326,14 @@ def report(results: dict) -> None:
         print(common.table(["model", "inputs x refs", "outputs", "speedup", "max |difference|", "speedup, per sample"],
                            [[t["model"], f"{t['inputs']} x {t['references']}", t["outputs"], t["speedup"],
                              t["max_abs_difference"], t.get("speedup_per_sample", "-")] for t in results["shap"]]))
+        print(f"\nTimes over plain shap (no library, check off), and the times of shap + register() for which item "
+              f"1's target and item 3's bar (<= {ITEM3_BAR}x plain shap) both hold")
+        print(common.table(["model", "deep_shap", "shap + register()", "the same, per sample", "target",
+                            "both hold within (ms)"],
+                           [[t["model"], t["deep_shap_over_plain"], t["shap_over_plain"],
+                             t["shap_per_sample_over_plain"], f"{t['target']:g}x",
+                             _window(*t["window_ms"])]
+                            for t in results["shap"] if "window_ms" in t]))
     if "memory" in results:
         print(f"\ndeep_shap(out=...) over lazily generated sequences, {REFERENCES_10E5} references each, 1 thread "
               "(peak RSS target: large <= 1.1x small)")
