@@ -105,6 +105,48 @@ def test_equals_captum_deeplift_shap(dtype, batch_size):
     assert_same(values, expected, dtype)
 
 
+def test_inputs_that_require_grad_give_plain_values(tmp_path):
+    """Values are gradients times (x - r): an input carrying a graph must not carry it into them."""
+    model, x, r = make(LSTMClassifier, torch.float64, n=5)
+    expected = torch_handler.deep_shap(model, x, r, target=1)
+    x, r = x.clone().requires_grad_(), r.clone().requires_grad_()
+    values = torch_handler.deep_shap(model, x, r, target=1)
+    assert not values.requires_grad and torch.equal(values, expected)
+    stored = torch_handler.deep_shap(model, x, r, target=1, out=tmp_path / "v.npy")
+    assert np.array_equal(stored, expected.numpy())
+    assert x.grad is None and r.grad is None
+
+
+def test_zero_dimensional_targets_as_in_captum():
+    model, x, r = make(LSTMClassifier, torch.float64, n=5)
+    expected = torch_handler.deep_shap(model, x, r, target=2)
+    for target in (torch.tensor(2), np.int64(2), np.array(2), -1):
+        assert torch.equal(torch_handler.deep_shap(model, x, r, target=target), expected)
+
+
+def test_inputs_of_two_dtypes_keep_their_own(tmp_path):
+    """A float32 sequence and a float64 static input: each result in its input's dtype, as Captum's."""
+    torch.manual_seed(2)
+
+    class Mixed(TwoInputs):
+        def forward(self, x, z):
+            return super().forward(x, z.float())
+
+    model = Mixed().eval()
+    x, z = torch.randn(5, 7, 5), torch.randn(5, 4, dtype=torch.float64)
+    rx, rz = torch.randn(3, 7, 5), torch.randn(3, 4, dtype=torch.float64)
+    values = torch_handler.deep_shap(model, (x, z), (rx, rz), target=1)
+    with torch_handler.deeplift_mode(model):
+        expected = DeepLiftShap(model).attribute((x, z), (rx, rz), target=1)
+    assert [v.dtype for v in values] == [e.dtype for e in expected] == [torch.float32, torch.float64]
+    for v, e in zip(values, expected, strict=True):
+        assert_same(v, e, torch.float32)
+    stored = torch_handler.deep_shap(model, (x, z), (rx, rz), target=1, out=tmp_path / "mixed")
+    assert [s.dtype for s in stored] == [np.float32, np.float64]
+    for s, v in zip(stored, values, strict=True):
+        assert np.array_equal(s, v.numpy())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_per_input_target_equals_captum(dtype):
     model, x, r = make(LSTMClassifier, dtype, n=5)

@@ -63,6 +63,8 @@ R = torch.randn(4, 7, 5, dtype=torch.float64)
     (X, lambda b: R, dict(target=0), ValueError, "references callable"),
     (X, lambda b: "refs", dict(target=0), TypeError, "returned a str"),
     (X, 3.0, dict(target=0), TypeError, "references is a float"),
+    ((X, torch.ones(6, 2, dtype=torch.long)), (R, torch.ones(4, 2, dtype=torch.long)), dict(target=0), TypeError,
+     "model input 1 of inputs is torch.int64.*from_embeddings"),
 ])
 def test_refused_before_any_work(spy, inputs, references, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -161,3 +163,23 @@ def test_additivity_error_names_the_input():
             torch_handler.deep_shap(model, x, R[:1], target=0, batch_size=1)
         values = torch_handler.deep_shap(model, X, R, target=0, check=False)
     assert values.shape == X.shape and bool(torch.isfinite(values).all())
+
+
+def test_a_function_is_not_a_model():
+    with pytest.raises(TypeError, match="model is a function; it must be a torch.nn.Module"):
+        torch_handler.deep_shap(lambda x: x.sum((1, 2)), X, R)
+
+
+def test_not_inside_inference_mode(spy):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+        torch_handler.deep_shap(spy, X, R, target=0)
+    assert Spy.calls == 0
+
+
+def test_a_stream_must_yield_one_row_per_target_entry(spy):
+    """An unsized stream's per-input target is checked against the rows it yielded, at its end."""
+    target = torch.tensor([0, 1, 2, 0, 1, 2, 0])  # 7 entries, 6 rows
+    with pytest.raises(ValueError, match="target has 7 entries but the inputs yielded 6 rows"):
+        torch_handler.deep_shap(spy, (X[i : i + 4] for i in range(0, 6, 4)), R, target=target)
+    exact = torch_handler.deep_shap(spy, (X[i : i + 4] for i in range(0, 6, 4)), R, target=target[:6])
+    assert torch.equal(exact, torch_handler.deep_shap(spy, X, R, target=target[:6]))

@@ -59,6 +59,17 @@ def test_existing_results_are_never_overwritten(tmp_path):
         torch_handler.deep_shap(model, x, r, target=0, out=tmp_path / "a.npy")
 
 
+def test_resume_never_overwrites_files_it_did_not_write(tmp_path):
+    """A .npy without deep_shap's sidecar is the user's: resume=True refuses it, leaving it as found."""
+    model, x, r = make(LSTMHead, torch.float64, n=4)
+    theirs = np.arange(12.0)
+    np.save(tmp_path / "shap.npy", theirs)
+    with pytest.raises(FileExistsError, match="exist without the sidecar"):
+        torch_handler.deep_shap(model, x, r, target=0, out=tmp_path / "shap.npy", resume=True)
+    assert np.array_equal(np.load(tmp_path / "shap.npy"), theirs)
+    assert not sidecar(tmp_path / "shap.npy").exists()
+
+
 @pytest.mark.parametrize("change", ["model", "inputs shape", "input values", "references", "target",
                                     "outputs", "batch_size"])
 def test_resume_with_other_arguments_is_refused(tmp_path, change):

@@ -61,9 +61,23 @@ def deep_shap(model, inputs, references, *, target=None, outputs=None, batch_siz
     Returns a tensor shaped like the inputs (on their device; an output axis last with
     ``outputs``), a tuple for several inputs; np.memmap arrays with ``out``.
     Raises ValueError / TypeError / IndexError for mismatched inputs and references, empty
-    inputs or an output index out of range, before any work; NonFiniteError for NaN / Inf in
-    the inputs, references or values; AdditivityError (check=True).
+    inputs, integer inputs (token ids: explain the embeddings), a model that is not an
+    ``nn.Module`` or an output index out of range, before any work (RuntimeError inside
+    ``torch.inference_mode()``; an unsized stream with a per-input target is checked against
+    the rows it yielded at its end); FileExistsError for ``out`` files deep_shap did not write;
+    NonFiniteError for NaN / Inf in the inputs, references or values; AdditivityError
+    (check=True). Inputs that require grad are read detached; each result has its input's dtype.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"deep_shap: model is a {type(model).__name__}; it must be a torch.nn.Module (the rules are set on "
+            "its modules). Wrap a function in a module whose forward calls it."
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "deep_shap: called inside torch.inference_mode(), where nothing is differentiated; the DeepLIFT "
+            "multipliers are gradients. Call it outside the inference_mode block."
+        )
     rows = as_rows(inputs)
     if rows.first is None or rows.first[0].shape[0] == 0:
         raise ValueError("deep_shap: inputs is empty; pass at least one input row.")
@@ -79,7 +93,6 @@ def deep_shap(model, inputs, references, *, target=None, outputs=None, batch_siz
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"deep_shap: batch_size={batch_size!r}; it must be a positive number of pairs (or None).")
     saved = storage.stored_fingerprint(out) if resume and out is not None else None
-    dtype = rows.specs[0].dtype
     if device.type == "cpu":
         # Every chunk on the same loops: the compiled CPU loops and the eager ones round
         # differently, so a run whose first chunks ran eagerly while the library was still being
@@ -93,10 +106,11 @@ def deep_shap(model, inputs, references, *, target=None, outputs=None, batch_siz
         selection = Selection(target, outputs, n_outputs, rows.count)
         S = probe_refs[0].shape[0]
         pairs = int(batch_size or (saved or {}).get("pairs_per_chunk") or choose_pairs(per_pair, device))
-        run = _Run(model, rows, refs, selection, device, S, pairs, check, dtype)
+        run = _Run(model, rows, refs, selection, device, S, pairs, check)
         store = None
         if out is not None:
-            store = storage.Store(out, run.result_shapes(), _numpy_dtype(dtype), run.fingerprint(), resume)
+            store = storage.Store(out, run.result_shapes(), [_numpy_dtype(spec.dtype) for spec in rows.specs],
+                                  run.fingerprint(), resume)
         try:
             return run.execute(store, _bar(progress, rows.count, store.done if store else 0))
         finally:
@@ -164,9 +178,9 @@ def _bar(progress, total, initial):
 class _Run:
     """One deep_shap call after its checks: the chunk loop, the results and the fingerprint."""
 
-    def __init__(self, model, rows, refs, selection, device, S, pairs, check, dtype):
+    def __init__(self, model, rows, refs, selection, device, S, pairs, check):
         self.model, self.rows, self.refs, self.selection = model, rows, refs, selection
-        self.device, self.S, self.pairs, self.check, self.dtype = device, S, pairs, check, dtype
+        self.device, self.S, self.pairs, self.check = device, S, pairs, check
         self.rows_per_chunk = max(1, pairs // S)
         self.references_per_pass = min(S, pairs)
         self.shared = refs.to(device).tensors if isinstance(refs, SharedReferences) else None
@@ -222,6 +236,7 @@ class _Run:
             if bar is not None:
                 bar.close()
         end = (start + xs[0].shape[0])
+        self.selection.check_rows_seen(end)
         if store is None:
             return self._finish(results, end)
         if not verified:
@@ -280,7 +295,7 @@ class _Run:
         """Per model input, the result tensor (N known) or a list of chunks (N unknown)."""
         if self.rows.count is None:
             return [[] for _ in self.rows.specs]
-        return [torch.empty(shape, dtype=self.dtype, device=spec.device)
+        return [torch.empty(shape, dtype=spec.dtype, device=spec.device)
                 for shape, spec in zip(self.result_shapes(), self.rows.specs, strict=True)]
 
     def _collect(self, results, start, values):

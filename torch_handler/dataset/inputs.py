@@ -49,7 +49,17 @@ def as_tensors(batch, where: str) -> tuple[Tensor, ...]:
             f"deep_shap: the tensors of {where} have different numbers of rows {[t.shape[0] for t in items]}; "
             "every model input needs one row per example. (A list of batches of one input: pass iter(batches).)"
         )
-    return tuple(items)
+    for i, t in enumerate(items):
+        if not t.is_floating_point():
+            raise TypeError(
+                f"deep_shap: model input {i} of {where} is {t.dtype}; DeepSHAP attributes to floating-point "
+                "inputs, which have an x - r to share out. Token ids: explain the embeddings "
+                "(torch_handler.from_embeddings(model, model.embedding), docs/token-ids.md). Lengths or other "
+                "integer side inputs: bind them inside the model (a wrapper module) rather than passing them."
+            )
+    # The values are gradients times (x - r): inputs that carry a graph (requires_grad) would carry
+    # it into the results. The rows are read, never differentiated through the caller's graph.
+    return tuple(t.detach() for t in items)
 
 
 def specs_of(tensors: tuple[Tensor, ...]) -> tuple[Spec, ...]:

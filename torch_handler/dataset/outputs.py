@@ -39,15 +39,19 @@ class Selection:
                     "(or a tensor of one index per input) or outputs=[...] / outputs='all'."
                 )
             self.fixed, self.stacked = [0], False
-        elif isinstance(target, (Tensor, np.ndarray, Sequence)) and not isinstance(target, str):
+        elif isinstance(target, (Tensor, np.ndarray, Sequence)) and not isinstance(target, str) and (
+                np.ndim(target) if not isinstance(target, Tensor) else target.ndim) != 0:
             self.target_rows, self.fixed, self.stacked = self._target_rows(target), [], False
         else:
             self.fixed, self.stacked = [self._index(target, "target")], False
         self.count = len(self.fixed) if self.target_rows is None else 1
 
     def _index(self, value, what: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-                isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()):
+        if isinstance(value, np.ndarray) and value.ndim == 0:  # np.array(1), as Captum takes it
+            value = value[()]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) and not (
+                isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()
+                and value.dtype != torch.bool):
             raise TypeError(f"deep_shap: {what} {value!r} is not an integer output index.")
         index = int(value)
         if not -self.n_outputs <= index < self.n_outputs:
@@ -96,6 +100,15 @@ class Selection:
             )
         return self.target_rows[start : start + n, None].to(device)
 
+    def check_rows_seen(self, rows: int) -> None:
+        """After the last chunk: a per-input target of an unsized stream must have had one entry
+        per row (a sized input was checked before any work)."""
+        if self.target_rows is not None and self.target_rows.shape[0] != rows:
+            raise ValueError(
+                f"deep_shap: target has {self.target_rows.shape[0]} entries but the inputs yielded {rows} rows; "
+                "pass one per input."
+            )
+
     def describe(self):
         """What the fingerprint of a run records about the selection."""
         if self.target_rows is not None:
@@ -123,7 +136,8 @@ def check_rows(sums, values, selection: Selection, columns: Tensor, first_row: i
     values: per model input (n, ..., K); rows_of(i) -> (inputs of row i, its references), each a
     tuple of tensors with a batch axis, used only to diagnose a failure.
     """
-    dtype = values[0].dtype
+    # Several inputs of different dtypes: the sum is only as exact as the least precise of them.
+    dtype = max((v.dtype for v in values), key=lambda d: torch.finfo(d).eps)
     totals = sum(v.double().sum(tuple(range(1, v.ndim - 1))) for v in values)  # (n, K)
     f_r_mean = sums.f_r / sums.references
     columns = columns.to(sums.f_x.device)

@@ -131,11 +131,13 @@ class Store:
     (its ``inputs`` digest of the done rows' inputs and references is for the driver to check).
     """
 
-    def __init__(self, out, shapes: list[tuple], dtype, fingerprint: dict, resume: bool):
+    def __init__(self, out, shapes: list[tuple], dtypes: list, fingerprint: dict, resume: bool):
         self.paths = output_paths(out, len(shapes))
         self.sidecar = self.paths[0].parent / f"{output_paths(out, 1)[0].name}.deep_shap.json"
-        self.shapes, self.dtype, self.fingerprint = [tuple(s) for s in shapes], np.dtype(dtype), fingerprint
-        self.row_bytes = [int(np.prod(s[1:], dtype=np.int64)) * self.dtype.itemsize for s in self.shapes]
+        self.shapes, self.fingerprint = [tuple(s) for s in shapes], fingerprint
+        self.dtypes = [np.dtype(d) for d in dtypes]  # one per model input, as the inputs' own
+        self.row_bytes = [int(np.prod(s[1:], dtype=np.int64)) * d.itemsize for s, d in zip(self.shapes, self.dtypes,
+                                                                                            strict=True)]
         self.paths[0].parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.sidecar.with_suffix(".lock"))
         try:
@@ -154,21 +156,30 @@ class Store:
                 "reuse) the run that wrote them with the same arguments, or delete them to start over."
             )
         self.saved = self._load_sidecar() if self.sidecar.exists() else None
+        if self.saved is None and existing:
+            # deep_shap writes its sidecar before any .npy file: files without one are not a run
+            # of deep_shap (or their record was deleted), and resume must not overwrite them.
+            raise FileExistsError(
+                f"deep_shap: resume=True refused: {', '.join(map(str, existing))} exist without the sidecar "
+                f"{self.sidecar} that deep_shap writes before them, so they are not a run to resume. Move or "
+                "delete them, or write to another out."
+            )
         if self.saved is None:
             self.done, self.results = 0, [new_digest() for _ in self.paths]
             self._write_sidecar(inputs={}, complete=False)
-            for path, shape in zip(self.paths, self.shapes, strict=True):
-                _create_npy(path, shape, self.dtype)
+            for path, shape, dtype in zip(self.paths, self.shapes, self.dtypes, strict=True):
+                _create_npy(path, shape, dtype)
             self._open_files()
             return
         self._check_fingerprint(self.saved["fingerprint"])
         self.done = int(self.saved["done"])
         if self.done == 0 and not all(p.exists() for p in self.paths):  # killed while creating them
-            for path, shape in zip(self.paths, self.shapes, strict=True):
-                _create_npy(path, shape, self.dtype)
-        self.results = [self._verify_file(p, s, d, rb)
-                        for p, s, d, rb in zip(self.paths, self.shapes, self.saved["results"] or [""] * len(self.paths),
-                                               self.row_bytes, strict=True)]
+            for path, shape, dtype in zip(self.paths, self.shapes, self.dtypes, strict=True):
+                _create_npy(path, shape, dtype)
+        self.results = [self._verify_file(p, s, t, d, rb)
+                        for p, s, t, d, rb in zip(self.paths, self.shapes, self.dtypes,
+                                                  self.saved["results"] or [""] * len(self.paths), self.row_bytes,
+                                                  strict=True)]
         self._open_files()
 
     def _open_files(self) -> None:
@@ -201,7 +212,7 @@ class Store:
                 "or write to another out path."
             )
 
-    def _verify_file(self, path: Path, shape, expected: str, row_bytes: int):
+    def _verify_file(self, path: Path, shape, dtype_made, expected: str, row_bytes: int):
         """The ``.npy`` header and size as created, and the digest of its ``done`` rows."""
         corrupt = f"deep_shap: {path} does not hold what the sidecar {self.sidecar} records"
         try:
@@ -209,7 +220,7 @@ class Store:
             size = path.stat().st_size
         except (OSError, ValueError) as error:
             raise ValueError(f"{corrupt} ({error}). Delete the files to start over.") from error
-        if (found, fortran, dtype) != (tuple(shape), False, self.dtype) or size != offset + shape[0] * row_bytes:
+        if (found, fortran, dtype) != (tuple(shape), False, dtype_made) or size != offset + shape[0] * row_bytes:
             raise ValueError(f"{corrupt} (shape {found}, {dtype}, {size} bytes). Delete the files to start over.")
         digest = new_digest()
         with open(path, "rb") as handle:
@@ -232,9 +243,9 @@ class Store:
 
     def write(self, start: int, values) -> None:
         """Write rows ``start..`` of every input's results (arrays (n, ...) in file order)."""
-        for handle, offset, value, digest, row_bytes in zip(self._files, self.offsets, values, self.results,
-                                                            self.row_bytes, strict=True):
-            array = np.ascontiguousarray(value, dtype=self.dtype)
+        for handle, offset, value, digest, row_bytes, dtype in zip(self._files, self.offsets, values, self.results,
+                                                                   self.row_bytes, self.dtypes, strict=True):
+            array = np.ascontiguousarray(value, dtype=dtype)
             handle.seek(offset + start * row_bytes)
             handle.write(array)
             digest.update(array)
