@@ -68,3 +68,13 @@ def _constant_advice(consumer: str, unfollowed: bool, origin: str = "") -> str:
         + (" (or drop the `.detach()`: DeepLIFT then attributes through the value, e.g. "
            "RevIN statistics)" if origin == "detach" else "")
     )
+
+
+def _custom_function_advice(function: str) -> str:
+    """The UnsupportedOpWarning text for the output of a custom ``torch.autograd.Function``."""
+    return (
+        f"it comes out of a custom torch.autograd.Function ({function}), whose own backward gives plain "
+        "gradients where DeepLIFT needs its multipliers, so the attributions may not sum to the output "
+        "difference. Write its forward with torch ops (the rules then see them), or keep it out of the "
+        "input-dependent path"
+    )

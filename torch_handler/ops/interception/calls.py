@@ -189,6 +189,10 @@ def _single(rule, parse):
         plan = Plan(rule, "single", [x.detach()], [axis], values, out_axis, params, [x.shape])
         result = _run_rule(mode, plan, [x])
         if isinstance(out, tuple):
+            # max(dim)'s indices depend on the input as argmax's do: followed, so that picking
+            # values with them is checked (see tracking._report_varying_index)
+            for extra in out[1:]:
+                mode.mark(extra, out_axis)
             return type(out)((result, *out[1:]))
         return result
 

@@ -21,12 +21,18 @@ from torch_handler.ops.interception.tracking import (
     TRACKED,
     _halves_equal,
     _permute,
+    _same,
 )
 from torch_handler.ops.table import CALL_OPS, CALL_READERS, OP_RULES
 
 if TYPE_CHECKING:
     from torch_handler.ops.interception.context import _Explanation
-from torch_handler.ops.interception.advice import _caller, _constant_advice, _no_rule_advice
+from torch_handler.ops.interception.advice import (
+    _caller,
+    _constant_advice,
+    _custom_function_advice,
+    _no_rule_advice,
+)
 
 MINIMUM_TORCH = "2.13"
 
@@ -77,6 +83,8 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         self.constants = TensorMap()
         self.halves_differ = TensorMap()  # constant -> (its _version, differs?)
         self.lost = TensorMap()  # tensor whose batch place is not known -> the op that lost it
+        self.node_ids: set = set()  # autograd nodes of the tensors seen here (kept alive by by_node)
+        self._audited: dict = {}  # (node id, output) of tensors made unseen -> node (see _audit_unseen)
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -89,6 +97,7 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                 # Also by autograd node: a module's full backward hook hands its forward a new
                 # tensor object (BackwardHookFunction) that shares the node we record here.
                 self.by_node[(id(t.grad_fn), t.output_nr)] = (t.grad_fn, axis)
+                self.node_ids.add(id(t.grad_fn))
 
     def axis_of(self, t) -> Axis | None:
         """Where ``t``'s doubled batch is; None if ``t`` does not vary with the input."""
@@ -119,8 +128,39 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                     self.mark(t, found)
                     return found
         if t.requires_grad and t.grad_fn is not None and self._reaches_input(t.grad_fn):
+            self._audit_unseen(t)
             return UNKNOWN
         return None
+
+    def _audit_unseen(self, t: Tensor) -> None:
+        """Report ``t`` if it was made where this mode could not see (a TorchScript module or
+        function runs its ops in C++) by anything but linear steps: its autograd graph is read
+        back to the tensors seen here, and a node of a nonlinear op (a tanh, a product of two
+        input-dependent factors) means plain gradients where the rules belong."""
+        key = (id(t.grad_fn), t.output_nr)
+        if key in self._audited:
+            return
+        self._audited[key] = t.grad_fn  # the node is kept so that its id stays unique
+        stack, visited = [t.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited or id(node) in self.node_ids:
+                continue
+            visited.add(id(node))
+            if not self._reaches_input(node):
+                continue
+            kind = type(node).__name__
+            varying = [n for n, _ in node.next_functions if n is not None and self._reaches_input(n)]
+            if kind in _PRODUCT_NODES:
+                factors, divisor = _PRODUCT_NODES[kind]
+                varies = [node.next_functions[k][0] in varying for k in factors if k < len(node.next_functions)]
+                linear = sum(varies) <= 1 and not (divisor is not None and node.next_functions[divisor][0] in varying)
+            else:
+                linear = kind not in _NONLINEAR_NODES
+            if not linear:
+                self.report_if_used(t, "torch.jit", _unseen_advice(kind))
+                return
+            stack.extend(varying)
 
     def _reaches_input(self, node) -> bool:
         """Whether an autograd node's graph reaches a leaf that is not a Parameter."""
@@ -153,6 +193,9 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: only the transposing ones move the batch
             name = getattr(getattr(func, "__self__", None), "__name__", "")
+            if name == "data" and self.axis_of(args[0]) is not None:
+                # .data is .detach() without its name: an input-dependent value without a gradient
+                return self._follow_constants(_same(self, func, name, args, kwargs), name, args, kwargs)
             if name not in _TRANSPOSING_PROPERTIES or self.axis_of(args[0]) is None:
                 return func(*args, **kwargs)
             return _permute(self, func, name, args, kwargs)
@@ -198,8 +241,15 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
         if not outs:
             return out
         inputs = list(_tensors(args, kwargs))
-        # (A tensor made without a gradient can gain one later: a custom autograd Function's
-        # forward runs without grad and its outputs get one. It is then no constant.)
+        # A tensor made without a gradient can gain one later: a custom autograd Function's
+        # forward runs without grad (the ops inside it are seen here, and their results recorded
+        # as constants) and its outputs get the Function's own backward, plain gradients where
+        # the rules' multipliers belong. It is then no constant, and it is reported.
+        for t in inputs:
+            if t.requires_grad and t.grad_fn is not None and t in self.constants:
+                function = type(t.grad_fn).__name__.removesuffix("Backward")
+                self.report_if_used(out, function, _custom_function_advice(function))
+                break
         constants = [t for t in inputs if not t.requires_grad and t in self.constants]
         where = None
         for o in outs:
@@ -314,6 +364,53 @@ class InterceptMode(torch.overrides.TorchFunctionMode):
                 + self.lost_note([t])
             )
         return axis
+
+
+# Autograd nodes of torch's nonlinear ops: a graph made where the mode could not see (TorchScript)
+# that holds one gives plain gradients where a rule belongs (see InterceptMode._audit_unseen).
+# Listed, not inferred: linear and indexing nodes, and nodes of custom Functions (the library's
+# own, and the user's, which _follow_constants reports), pass.
+_NONLINEAR_NODES = frozenset(
+    """TanhBackward0 SigmoidBackward0 ReluBackward0 ExpBackward0 Exp2Backward0 Expm1Backward0 LogBackward0
+    Log1pBackward0 Log2Backward0 Log10Backward0 SoftmaxBackward0 LogSoftmaxBackward0 LogsumexpBackward0
+    PowBackward0 PowBackward1 PowBackward2 SqrtBackward0 RsqrtBackward0 ReciprocalBackward0 GeluBackward0
+    SiluBackward0 SoftplusBackward0 EluBackward0 LeakyReluBackward0 HardtanhBackward0 HardsigmoidBackward0
+    HardswishBackward0 MishBackward0 LogSigmoidBackward0 GluBackward0 ThresholdBackward0 SoftshrinkBackward0
+    HardshrinkBackward0 PreluKernelBackward0 ClampBackward0 ClampBackward1 ClampMinBackward0 ClampMinBackward1
+    ClampMaxBackward0 ClampMaxBackward1 AbsBackward0 SgnBackward0 SignBackward0 SinBackward0 CosBackward0
+    TanBackward0 AsinBackward0 AcosBackward0 AtanBackward0 Atan2Backward0 SinhBackward0 CoshBackward0
+    AsinhBackward0 AcoshBackward0 AtanhBackward0 ErfBackward0 ErfcBackward0 ErfinvBackward0
+    NativeLayerNormBackward0 NativeBatchNormBackward0 NativeGroupNormBackward0 NormBackward0 NormBackward1
+    NormBackward2 LinalgVectorNormBackward0 VarBackward0 StdBackward0 VarMeanBackward0 StdMeanBackward0
+    ProdBackward0 ProdBackward1 CumprodBackward0 CummaxBackward0 CumminBackward0 MaxBackward0 MaxBackward1
+    MinBackward0 MinBackward1 AmaxBackward0 AminBackward0 MaximumBackward0 MinimumBackward0 FmaxBackward0
+    FminBackward0 SortBackward0 TopkBackward0 KthvalueBackward0 MedianBackward0 MedianBackward1
+    MaxPool1DWithIndicesBackward0 MaxPool2DWithIndicesBackward0 MaxPool3DWithIndicesBackward0
+    XlogyBackward0 SpecialEntrBackward0 LgammaBackward0 DigammaBackward0
+    DifferentiableGraphBackward CppFunction""".split()  # TorchScript graphs fused after warm-up: opaque
+)
+# Autograd nodes of products and quotients: (the operands that are factors, the divisor's):
+# linear while at most one factor varies with the input (a parameter times the input) and the
+# divisor does not (the other operands, a bias or an added term, enter linearly).
+_PRODUCT_NODES: dict[str, tuple[tuple[int, ...], int | None]] = {
+    **{kind: ((0, 1), None) for kind in "MulBackward0 MmBackward0 BmmBackward0 MvBackward0 DotBackward0".split()},
+    **{kind: ((1, 2), None) for kind in "AddmmBackward0 AddmvBackward0 BaddbmmBackward0 AddbmmBackward0".split()},
+    "ConvolutionBackward0": ((0, 1), None),
+    "AddcmulBackward0": ((1, 2), None),
+    "DivBackward0": ((), 1),
+    "AddcdivBackward0": ((), 2),
+    "LerpBackward1": ((), 2),  # start + weight (end - start): the weight acts as a divisor would
+}
+
+
+def _unseen_advice(node: str) -> str:
+    return (
+        f"this result was computed where the interception cannot see (a TorchScript module or function "
+        f"runs its ops in C++), and its graph holds `{node}`, which is not linear in the input (or, fused "
+        "by TorchScript, cannot be read), so its plain "
+        "gradient is used and the attributions may not sum to the output difference. Explain the eager "
+        "code (the module or function before torch.jit.script / torch.jit.trace)"
+    )
 
 
 # Ops whose gradient-free input is token ids: the layer variants of the engines attribute at

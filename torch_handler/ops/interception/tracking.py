@@ -31,6 +31,21 @@ def _linear_elementwise_op(mode, func, name, args, kwargs):
     return _linear_elementwise(mode, func, args, kwargs)
 
 
+def _product_terms(mode, func, name, args, kwargs):
+    """addcmul / addcdiv (input + value·t1·t2, input + value·t1/t2) and lerp (start + weight·(end −
+    start)): linear while the product has at most one input-dependent factor (a constant or
+    parameter weight, a constant divisor); a product of two, or a division by one, has no rule."""
+    if name == "lerp":
+        weight = arg(args, kwargs, 2, "weight")
+        nonlinear = isinstance(weight, Tensor) and mode.varies(weight)
+    else:
+        t1, t2 = arg(args, kwargs, 1, "tensor1"), arg(args, kwargs, 2, "tensor2")
+        nonlinear = mode.varies(t2) and (name == "addcdiv" or mode.varies(t1))
+    if nonlinear:
+        return mode._unknown(func, name, args, kwargs)
+    return _linear_elementwise(mode, func, args, kwargs)
+
+
 def _linear_elementwise(mode, func, args, kwargs):
     out = func(*args, **kwargs)
     tensors = [t for t in _tensors(args, kwargs) if mode.axis_of(t) is not None]
@@ -157,23 +172,31 @@ def _getitem(mode, func, name, args, kwargs):
     out = func(*args, **kwargs)
     x, axis = args[0], mode.axis_of(args[0])
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
-    for i in index:
-        if not isinstance(i, Tensor) or i in mode.constants:  # made in the model: see _follow_constants
-            continue
-        if mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
-            mode.report_if_used(
-                out,
-                "__getitem__",
-                "its index tensor differs between the input and its reference, so which values "
-                "are picked depends on the input and no rule covers that; index with "
-                "input-independent positions",
-            )
+    _report_varying_index(mode, out, args[1], "__getitem__", "which values are picked", skip_constants=True)
     if axis is not UNKNOWN and axis is not None:
         axis = ba.after_getitem(tuple(x.shape), axis, args[1]) or _rows_in_order(x, axis, index) or UNKNOWN
     if axis is not None and not isinstance(out, Tensor):
         return out
     mode.mark(out, axis)
     return out
+
+
+def _report_varying_index(mode, out, index, name: str, what: str, skip_constants: bool = False) -> None:
+    """Report ``name`` when a tensor in ``index`` depends on the input and differs between an
+    input and its reference: ``what`` then depends on the input, and no rule covers that (a mask
+    ``h < 0`` writing zeros is a ReLU without its rule). Gradient-free index tensors made in the
+    model are left to :meth:`InterceptMode._follow_constants` where ``skip_constants``."""
+    for i in index if isinstance(index, tuple) else (index,):
+        if not isinstance(i, Tensor) or (skip_constants and i in mode.constants):
+            continue
+        if mode.axis_of(i) is not None and not _halves_equal(mode, i, name):
+            mode.report_if_used(
+                out, name,
+                f"its index tensor differs between the input and its reference, so {what} depends on "
+                "the input and no rule covers that; index with input-independent positions, or write it "
+                "with an op that has a rule (torch.where, clamp, relu)",
+            )
+            return
 
 
 def _select(mode, func, name, args, kwargs):
@@ -291,6 +314,8 @@ def _batch_first_linear(mode, func, name, args, kwargs):
     """conv / avg-pool / eval-mode batch_norm: linear, batch dim 0 in and out."""
     if name == "batch_norm" and arg(args, kwargs, 5, "training", False):
         return mode._unknown(func, name, args, kwargs)  # batch statistics mix the pairs
+    if name.startswith("conv") and mode.varies(arg(args, kwargs, 1, "weight")):
+        return mode._unknown(func, name, args, kwargs)  # input-dependent kernels: a product of two
     out = func(*args, **kwargs)
     x = args[0]
     axis = mode.axis_of(x)
@@ -381,6 +406,8 @@ def _setitem(mode, func, name, args, kwargs):
     axis = mode.axis_of(target)  # before the write gives a constant target a graph
     value_axis = mode.axis_of(value)
     func(*args, **kwargs)
+    if axis is not None:
+        _report_varying_index(mode, target, index, "__setitem__", "which values are overwritten")
     if axis is None and value_axis is not None:
         axis = UNKNOWN
         if value_axis is not UNKNOWN and isinstance(value, Tensor):
@@ -428,8 +455,9 @@ TRACKED: dict[str, Any] = {
         "__neg__": _linear_elementwise_op,
         "negative": _linear_elementwise_op,
         "__pos__": _linear_elementwise_op,
-        "lerp": _linear_elementwise_op,
-        "addcmul": _linear_elementwise_op,
+        "lerp": _product_terms,
+        "addcmul": _product_terms,
+        "addcdiv": _product_terms,
         **{n: _linear_elementwise_op for n in _MASKS},
         "masked_fill": _where,
         "where": _where,
