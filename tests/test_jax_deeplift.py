@@ -396,6 +396,38 @@ def test_a_non_finite_multiplier_is_refused_naming_the_leaf():
     assert np.isfinite(float(m["x"][0, 0])) and np.isfinite(float(m["y"][0, 0]))
 
 
+def test_an_infinite_input_is_refused_even_where_its_multiplier_is_finite():
+    # tanh saturates: the multiplier of an inf input is 0, its attribution inf · 0 = NaN.
+    f = lambda v: jnp.sum(jnp.tanh(v) * jnp.array([1.0, 2.0, 3.0]))  # noqa: E731
+    x, r = jnp.array([jnp.inf, 1.0, 2.0]), jnp.zeros(3)
+    with pytest.raises(DeepLiftError, match=r"the input leaf <root> holds 1 NaN or inf element\(s\) of 3"):
+        reference_jax.deeplift(f)(x, r)
+    with pytest.raises(DeepLiftError, match="the reference leaf <root> holds 1 NaN or inf"):
+        reference_jax.deeplift(lambda v: jnp.sum(jax.nn.relu(v)))(jnp.ones(2), jnp.array([-jnp.inf, 0.0]))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="the input leaf <root> holds 1 NaN or inf"):
+        jax.block_until_ready(jax.jit(reference_jax.deeplift(f))(x, r))
+
+
+@pytest.mark.parametrize("narrow", ["bfloat16", "float16", "reduce_precision"])
+def test_rounding_below_float32_inside_fn_is_refused(narrow):
+    # A bfloat16 cast rounds by up to 4e-3: taken as linear it missed fn(x) - fn(r) by 5e-3.
+    cast = {"bfloat16": lambda v: v.astype(jnp.bfloat16).astype(v.dtype),
+            "float16": lambda v: v.astype(jnp.float16).astype(v.dtype),
+            "reduce_precision": lambda v: jax.lax.reduce_precision(v, 8, 7)}[narrow]
+    f = lambda v: jnp.sum(jnp.tanh(cast(v)) * jnp.arange(1.0, 5.0))  # noqa: E731
+    x, r = jnp.array([0.3, -1.2, 2.0, 0.7]), jnp.array([-0.5, 0.4, 0.1, 0.2])
+    with pytest.raises(DeepLiftError, match="rounds an input-dependent value to fewer than float32"):
+        reference_jax.deeplift(f)(x, r)
+    # casts that keep float32's bits, and a narrowing cast of a constant, stay linear
+    keep = lambda v: jnp.sum(jnp.tanh(v.astype(jnp.float32)) * jnp.arange(1.0, 5.0, dtype=jnp.float32))  # noqa: E731
+    m = reference_jax.deeplift(keep)(x.astype(jnp.float32), r.astype(jnp.float32))
+    assert abs(float(jnp.sum((x - r).astype(jnp.float32) * m) - (keep(x) - keep(r)))) <= 1e-5 * float(
+        jnp.abs(keep(x)) + 1)
+    constant = lambda v: jnp.sum(jnp.tanh(v) * jnp.arange(1.0, 5.0).astype(jnp.bfloat16).astype(v.dtype))  # noqa: E731
+    m = reference_jax.deeplift(constant)(x, r)
+    assert abs(float(jnp.sum((x - r) * m) - (constant(x) - constant(r)))) <= tolerance_for(x.dtype) * 10
+
+
 def test_bad_arguments_are_named():
     f = lambda v: jnp.sum(jnp.tanh(v))  # noqa: E731
     with pytest.raises(ValueError, match="pytree structure"):

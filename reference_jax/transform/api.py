@@ -81,7 +81,8 @@ def deeplift(fn: Callable) -> Callable:
             return y.a if y.varying else jnp.zeros((), out.dtype)
 
         grads = jax.grad(actual_output)(xs)
-        return jax.tree.unflatten(tree, [checked_finite(m, p or "<root>") for m, p in zip(grads, paths, strict=True)])
+        return jax.tree.unflatten(tree, [checked_finite(m, p or "<root>", x, r)
+                                         for m, p, x, r in zip(grads, paths, xs, rs, strict=True)])
 
     return multipliers
 

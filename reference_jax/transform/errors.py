@@ -97,24 +97,32 @@ def _non_finite_message(path: str, count: int, size: int) -> str:
     )
 
 
-def checked_finite(multipliers, path: str):
-    """``multipliers`` after checking that every element is finite (a non-finite multiplier is
-    refused, never returned). Known values are checked at once; traced ones (under ``jit`` /
-    ``vmap``) by a host callback whose error surfaces as a ``JaxRuntimeError`` carrying the
-    same :class:`DeepLiftError` message."""
-    known = _concrete(multipliers)
-    if known is not None:
-        bad = int(np.size(known) - np.count_nonzero(np.isfinite(known)))
-        if bad:
-            raise DeepLiftError(_non_finite_message(path, bad, int(np.size(known))))
-        return multipliers
+def checked_finite(multipliers, path: str, actual=None, reference=None):
+    """``multipliers`` after checking that every element is finite, and so are the input leaf
+    ``actual`` and its ``reference`` where given (an inf input can meet a multiplier of 0, a
+    saturated tanh: its attribution would be NaN). Known values are checked at once; traced
+    ones (under ``jit`` / ``vmap``) by a host callback whose error surfaces as a
+    ``JaxRuntimeError`` carrying the same :class:`DeepLiftError` message."""
+    pair = () if actual is None else (jax.lax.stop_gradient(actual), jax.lax.stop_gradient(reference))
 
-    def check(m):
+    def check(m, *xr):
         m = np.asarray(m)
+        for name, value in zip(("input", "reference"), xr, strict=False):
+            value = np.asarray(value)
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                raise DeepLiftError(
+                    f"reference_jax.deeplift: the {name} leaf {path} holds {bad} NaN or inf element(s) of "
+                    f"{value.size}; its attributions would be NaN. {_NON_FINITE_FIX}"
+                )
         bad = int(m.size - np.count_nonzero(np.isfinite(m)))
         if bad:
             raise DeepLiftError(_non_finite_message(path, bad, int(m.size)))
         return m
 
+    known = [_concrete(v) for v in (multipliers, *pair)]
+    if all(k is not None for k in known):
+        check(*known)
+        return multipliers
     shape = jax.ShapeDtypeStruct(jax.numpy.shape(multipliers), jax.numpy.result_type(multipliers))
-    return jax.pure_callback(check, shape, multipliers, vmap_method="broadcast_all")
+    return jax.pure_callback(check, shape, multipliers, *pair, vmap_method="broadcast_all")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from reference_jax.transform import control, rules, units
@@ -40,6 +41,19 @@ LINEAR = frozenset({
 
 #: Linear in each operand, bilinear in two: ``dot_general`` (two varying: the bilinear rule).
 _ONE_VARYING_LINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
+
+
+def _rounds_below_float32(eqn, val: Val) -> bool:
+    """Whether a cast or reduce_precision rounds a float to fewer significant bits than float32
+    has (float16, bfloat16, fp8): the torch handler refuses those dtypes too."""
+    source = jnp.result_type(val.a)
+    if not jnp.issubdtype(source, jnp.floating):
+        return False
+    if eqn.primitive.name == "reduce_precision":
+        return eqn.params["mantissa_bits"] < min(23, jnp.finfo(source).nmant)
+    target = eqn.params["new_dtype"]
+    return (jnp.issubdtype(target, jnp.floating) and jnp.finfo(target).nmant < 23
+            and jnp.finfo(target).nmant < jnp.finfo(source).nmant)
 
 
 def covered_primitives() -> list[str]:
@@ -104,6 +118,14 @@ def _rule(eqn, vals: list[Val]) -> list[Val]:
                "remove it from the explained function (jax.nn.softmax / logsumexp's own are recognised)")
         return [Val(equal_halves(vals[0].a, vals[0].r, eqn, "value under stop_gradient", fix))]
     n_varying = sum(v.varying for v in vals)
+    if name in ("convert_element_type", "reduce_precision") and n_varying and _rounds_below_float32(eqn, vals[0]):
+        raise unsupported(
+            eqn, f"'{name}' rounds an input-dependent value to fewer than float32's 24 significant bits, a "
+            "step function whose rounding (up to 4e-3 of the value in bfloat16) no DeepLIFT rule can share "
+            "out exactly",
+            "Compute the explained function in float32 or float64 (flax: dtype=jnp.float32; no .astype to "
+            "bfloat16 / float16)",
+        )
     if name in LINEAR or (name in _ONE_VARYING_LINEAR and n_varying == 1):
         return bind_per_half(eqn, vals)
     if name == "div" and not vals[1].varying:
