@@ -102,27 +102,29 @@ def checked_finite(multipliers, path: str, actual=None, reference=None):
     ``actual`` and its ``reference`` where given (an inf input can meet a multiplier of 0, a
     saturated tanh: its attribution would be NaN). Known values are checked at once; traced
     ones (under ``jit`` / ``vmap``) by a host callback whose error surfaces as a
-    ``JaxRuntimeError`` carrying the same :class:`DeepLiftError` message."""
-    pair = () if actual is None else (jax.lax.stop_gradient(actual), jax.lax.stop_gradient(reference))
+    ``JaxRuntimeError`` carrying the same :class:`DeepLiftError` message. The leaves' check
+    counts their non-finite elements where they are: only the two counts reach the host."""
+    leaves = () if actual is None else (actual, reference)
+    size = int(np.size(actual)) if leaves else 0
+    counts = tuple(size - jax.numpy.count_nonzero(jax.numpy.isfinite(jax.lax.stop_gradient(v))) for v in leaves)
 
-    def check(m, *xr):
+    def check(m, *bad_leaves):
         m = np.asarray(m)
-        for name, value in zip(("input", "reference"), xr, strict=False):
-            value = np.asarray(value)
-            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-            if bad:
+        for name, bad in zip(("input", "reference"), bad_leaves, strict=False):
+            bad = np.asarray(bad)  # one count per pair under vmap
+            if bad.any():
                 raise DeepLiftError(
-                    f"reference_jax.deeplift: the {name} leaf {path} holds {bad} NaN or inf element(s) of "
-                    f"{value.size}; its attributions would be NaN. {_NON_FINITE_FIX}"
+                    f"reference_jax.deeplift: the {name} leaf {path} holds {int(bad.sum())} NaN or inf element(s) "
+                    f"of {size * bad.size}; its attributions would be NaN. {_NON_FINITE_FIX}"
                 )
         bad = int(m.size - np.count_nonzero(np.isfinite(m)))
         if bad:
             raise DeepLiftError(_non_finite_message(path, bad, int(m.size)))
         return m
 
-    known = [_concrete(v) for v in (multipliers, *pair)]
+    known = [_concrete(v) for v in (multipliers, *counts)]
     if all(k is not None for k in known):
         check(*known)
         return multipliers
     shape = jax.ShapeDtypeStruct(jax.numpy.shape(multipliers), jax.numpy.result_type(multipliers))
-    return jax.pure_callback(check, shape, multipliers, *pair, vmap_method="broadcast_all")
+    return jax.pure_callback(check, shape, multipliers, *counts, vmap_method="broadcast_all")
