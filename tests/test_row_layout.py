@@ -65,7 +65,7 @@ def test_no_layout_where_rows_do_not_repeat_or_the_states_differ():
 def full_scan(halves):
     """The patterns from every step's rows at once (what detect did before it looked at the
     first step first)."""
-    same_as_first = (halves == halves[:, :, :1]).all(3).all(0).tolist()
+    same_as_first = row_layout._same_as_first(halves)
     return tuple(row_layout._pattern(halves[:, k], same_as_first[k], scanned=True) for k in (0, 1))
 
 

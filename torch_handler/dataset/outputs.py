@@ -39,8 +39,7 @@ class Selection:
                     "(or a tensor of one index per input) or outputs=[...] / outputs='all'."
                 )
             self.fixed, self.stacked = [0], False
-        elif isinstance(target, (Tensor, np.ndarray, Sequence)) and not isinstance(target, str) and (
-                np.ndim(target) if not isinstance(target, Tensor) else target.ndim) != 0:
+        elif isinstance(target, (Tensor, np.ndarray, Sequence)) and not isinstance(target, str) and np.ndim(target):
             self.target_rows, self.fixed, self.stacked = self._target_rows(target), [], False
         else:
             self.fixed, self.stacked = [self._index(target, "target")], False

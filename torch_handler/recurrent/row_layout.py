@@ -96,13 +96,17 @@ def _patterns(halves: Tensor) -> tuple:
     so the first step's run is at least as long and its period at most as long, and a
     confirmed run or period is one over every step); one that fails takes the full scan.
     """
-    first = halves[:1]
-    proposed = (first == first[:, :, :1]).all(3).all(0).tolist()
+    proposed = _same_as_first(halves[:1])
     patterns = tuple(_pattern(halves[:, k], proposed[k], scanned=halves.shape[0] == 1) for k in (0, 1))
     if halves.shape[0] == 1 or all(_confirmed(kind, rows) for (kind, _), rows in zip(patterns, proposed, strict=True)):
         return patterns
-    same_as_first = (halves == halves[:, :, :1]).all(3).all(0).tolist()
+    same_as_first = _same_as_first(halves)
     return tuple(_pattern(halves[:, k], same_as_first[k], scanned=True) for k in (0, 1))
+
+
+def _same_as_first(halves: Tensor) -> list:
+    """Per half of ``halves`` (T, 2, N, F), whether each row equals the half's first row at every step."""
+    return (halves == halves[:, :, :1]).all(3).all(0).tolist()
 
 
 def _confirmed(kind: str, same_at_first_step: list) -> bool:
